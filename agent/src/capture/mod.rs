@@ -1,0 +1,355 @@
+//! Capture stage: loads the kernel probes, attaches them to their tracepoints, targets the
+//! requested processes, and turns ring buffer records into typed events. Owns the kernel side
+//! of the agent; nothing else touches aya.
+pub mod assemble;
+pub mod decode;
+
+use std::{fs, io, os::fd::AsRawFd, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use log::{debug, info, warn};
+use tokio::io::unix::AsyncFd;
+use tracer_common::counter;
+
+/// The probes, built by build.rs from ebpf-probes/kernel.
+static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-probes"));
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// What to trace and how much to capture.
+#[derive(Clone, Debug)]
+pub struct ProbeConfig {
+    pub trace_all: bool,
+    pub pids: Vec<u32>,
+    pub capture_limit: u32,
+    pub ring_buffer_bytes: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "tracer-agent needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN, to \
+         load eBPF probes: run it with sudo"
+    )]
+    NotPermitted,
+    #[error(
+        "tracefs is not mounted at {TRACEFS} and mounting it failed ({source}); mount it with \
+         `mount -t tracefs tracefs {TRACEFS}` and try again"
+    )]
+    Tracefs {
+        #[source]
+        source: io::Error,
+    },
+    #[error("no process with pid {pid} (is it still running?)")]
+    NoSuchProcess { pid: u32 },
+    #[error("--pid {pid} is the agent itself")]
+    SelfTarget { pid: u32 },
+    #[error("loading the eBPF probes into the kernel failed: {hint}")]
+    Load {
+        hint: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("the probe object has no {what} named {name}; the build is inconsistent")]
+    Missing { what: &'static str, name: String },
+    #[error("attaching {program} to tracepoint {category}:{name} failed")]
+    Attach {
+        program: String,
+        category: &'static str,
+        name: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("setting up the probe map {name} failed")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("watching the ring buffer failed")]
+    Poll(#[source] io::Error),
+}
+
+/// Loaded and attached probes. Dropping it detaches everything.
+pub struct Probes {
+    /// Keeps programs and links alive.
+    _ebpf: Ebpf,
+    /// Kernel log lines; must be kept alive (dropping it breaks later loads) and flushed.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub events: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    traced: BpfHashMap<MapData, u32, u32>,
+    pub attached: usize,
+}
+
+/// Kernel-side counters, summed over CPUs. Indexes: `tracer_common::counter`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters(pub [u64; counter::COUNT as usize]);
+
+impl KernelCounters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0[index as usize]
+    }
+}
+
+/// Checks what the kernel and our privileges allow, fixing what we can (tracefs).
+pub fn preflight() -> Result<(), CaptureError> {
+    if !has_privileges() {
+        return Err(CaptureError::NotPermitted);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        warn!("kernel BTF (/sys/kernel/btf/vmlinux) is missing; loading may fail on this kernel");
+    }
+    if !Path::new(TRACEFS).join("events").exists()
+        && !Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
+        mount_tracefs().map_err(|source| CaptureError::Tracefs { source })?;
+        info!("mounted tracefs at {TRACEFS}");
+    }
+    Ok(())
+}
+
+fn has_privileges() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    [CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF]
+        .iter()
+        .all(|cap| effective & (1 << cap) != 0)
+}
+
+fn mount_tracefs() -> io::Result<()> {
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
+    let ret = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The tracepoint category of each of our programs, which are named after their tracepoint.
+fn category(program: &str) -> Option<&'static str> {
+    if program.starts_with("sys_enter_") || program.starts_with("sys_exit_") {
+        Some("syscalls")
+    } else if program.starts_with("sock_") || program == "inet_sock_set_state" {
+        Some("sock")
+    } else if program.starts_with("tcp_") {
+        Some("tcp")
+    } else if program.starts_with("sched_") {
+        Some("sched")
+    } else {
+        None
+    }
+}
+
+/// Loads the probes, fills the traced-process map and attaches every program.
+pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
+    let agent_tgid = std::process::id();
+    let capture_all = u32::from(config.trace_all);
+    let mut targets = Vec::new();
+    for &pid in &config.pids {
+        if pid == agent_tgid {
+            return Err(CaptureError::SelfTarget { pid });
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(CaptureError::NoSuchProcess { pid });
+        }
+        targets.push(pid);
+        targets.extend(descendants(pid));
+    }
+    targets.sort_unstable();
+    targets.dedup();
+
+    let mut ebpf = EbpfLoader::new()
+        .override_global("TRACE_ALL", &capture_all, true)
+        .override_global("AGENT_TGID", &agent_tgid, true)
+        .override_global("CAPTURE_LIMIT", &config.capture_limit, true)
+        .map_max_entries("EVENTS", config.ring_buffer_bytes)
+        .load(PROBES)
+        .map_err(|source| CaptureError::Load {
+            hint: load_hint(&source),
+            source: Box::new(source),
+        })?;
+
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => Some(logger),
+        Err(err) => {
+            debug!("kernel log forwarding off: {err}");
+            None
+        }
+    };
+
+    let mut traced: BpfHashMap<MapData, u32, u32> = take_map(&mut ebpf, "TRACED")?;
+    for &pid in &targets {
+        traced
+            .insert(pid, 1, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "TRACED",
+                source,
+            })?;
+    }
+    let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
+    let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
+
+    // Exits before syscall entries would leave stale in-flight entries; attach exit programs,
+    // sock and sched first, syscall entries last, so each entry finds its exit ready.
+    let mut names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
+    names.sort_by_key(|name| (name.starts_with("sys_enter_"), name.clone()));
+    let mut attached = 0;
+    for name in names {
+        let Some(category) = category(&name) else {
+            continue;
+        };
+        let program: &mut TracePoint = ebpf
+            .program_mut(&name)
+            .ok_or_else(|| CaptureError::Missing {
+                what: "program",
+                name: name.clone(),
+            })?
+            .try_into()
+            .map_err(|source| attach_error(&name, category, source))?;
+        program
+            .load()
+            .map_err(|source| attach_error(&name, category, source))?;
+        program
+            .attach(category, &name)
+            .map_err(|source| attach_error(&name, category, source))?;
+        attached += 1;
+    }
+    info!(
+        "{attached} probes attached; tracing {}",
+        if config.trace_all {
+            "every process".to_owned()
+        } else {
+            format!("{} process(es): {:?}", targets.len(), targets)
+        }
+    );
+    Ok(Probes {
+        _ebpf: ebpf,
+        logger,
+        events: register(events).map_err(CaptureError::Poll)?,
+        counters,
+        traced,
+        attached,
+    })
+}
+
+/// Registers an fd-owning value with the reactor, for readability only.
+fn register<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: the ring buffer owns its map fd and keeps it open and unchanged until it is
+    // dropped, which happens with the AsyncFd.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|err| err.into_parts().1)
+}
+
+fn attach_error(
+    program: &str,
+    category: &'static str,
+    source: aya::programs::ProgramError,
+) -> CaptureError {
+    CaptureError::Attach {
+        program: program.to_owned(),
+        category,
+        name: program.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| CaptureError::Missing {
+        what: "map",
+        name: name.to_owned(),
+    })?;
+    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+fn load_hint(err: &aya::EbpfError) -> String {
+    let text = format!("{err:?}");
+    if text.contains("EPERM") || text.contains("Operation not permitted") {
+        "permission denied: run as root (or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)".to_owned()
+    } else if text.contains("verifier") {
+        "the kernel verifier rejected a program (run with --log-level debug for its log)".to_owned()
+    } else {
+        "is BPF enabled in this kernel (CONFIG_BPF_SYSCALL) and the agent run as root?".to_owned()
+    }
+}
+
+/// Every current descendant of `pid` (workers forked before the agent started).
+fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = all
+        .filter_map(|p| p.ok()?.stat().ok())
+        .map(|stat| (stat.pid as u32, stat.ppid as u32))
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|&&(_, ppid)| ppid == parent)
+                .map(|&(child, _)| child),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+impl Probes {
+    /// Current kernel counters summed over CPUs.
+    pub fn counters(&self) -> KernelCounters {
+        let mut totals = KernelCounters::default();
+        for (index, total) in totals.0.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(index as u32), 0) {
+                *total = values.iter().sum();
+            }
+        }
+        totals
+    }
+
+    /// Processes in the kernel's traced set (includes threads briefly; see the probes).
+    pub fn traced_count(&self) -> usize {
+        self.traced.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Forwards pending kernel log lines into the agent's log.
+    pub fn poll_logger(&mut self) {
+        if let Some(logger) = self.logger.as_mut() {
+            logger.flush();
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Command line of `tracer-agent`. Every option documents itself here; clap turns the doc
+//! comments into `--help`.
+use std::net::SocketAddr;
+
+use clap::{Parser, ValueEnum};
+use tracer_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
+
+/// tracer-agent: distributed traces for processes that carry no tracing code.
+///
+/// Kernel probes (tracepoints only, no kprobes) capture the TCP socket reads and writes of the
+/// traced processes. Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN).
+///
+/// Examples:
+///   sudo tracer-agent --pid 1234 --dump          # watch what process 1234 sends and receives
+///   sudo tracer-agent --all --metrics-addr 127.0.0.1:9464
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tracer-agent", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// Trace this process, its existing children and every process it forks from now on.
+    /// Repeat for several processes.
+    #[arg(long = "pid", value_name = "PID", required_unless_present = "all")]
+    pub pids: Vec<u32>,
+
+    /// Trace every process on the host except the agent itself.
+    #[arg(long, conflicts_with = "pids")]
+    pub all: bool,
+
+    /// Print each connection's open, every read and write, and close. `text` is for people;
+    /// `json` is one object per line with the captured bytes in hex, for scripts.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        num_args = 0..=1,
+        default_missing_value = "text",
+        require_equals = true
+    )]
+    pub dump: Option<DumpFormat>,
+
+    /// Bytes of each read or write shown by `--dump=text`.
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    pub dump_preview: usize,
+
+    /// Serve Prometheus metrics on /metrics and readiness on /readyz at this address, e.g.
+    /// 127.0.0.1:9464. Off by default; prefer a loopback address unless the port is protected.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Bytes captured per read or write syscall at most. Larger ones are reported with their
+    /// full size and flagged as truncated.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = DEFAULT_CAPTURE_LIMIT,
+        value_parser = clap::value_parser!(u32).range(1..=MAX_CAPTURE_LIMIT as i64)
+    )]
+    pub capture_limit: u32,
+
+    /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096. When it
+    /// is full, events are dropped and counted (tracer_kernel_lost_events_total).
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024, value_parser = parse_ring_size)]
+    pub ring_buffer_bytes: u32,
+
+    /// Out-of-order bytes held per connection direction while waiting for a hole to fill.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    pub max_pending_per_direction: usize,
+
+    /// Out-of-order bytes held across all connections.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_pending_total: usize,
+
+    /// Seconds between status lines on stderr; 0 turns them off.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub status_interval: u64,
+
+    /// Stop after this many seconds (default: run until SIGINT or SIGTERM).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<u64>,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormat {
+    Text,
+    Json,
+}
+
+fn parse_ring_size(value: &str) -> Result<u32, String> {
+    let size: u32 = value
+        .parse()
+        .map_err(|err| format!("not a byte count: {err}"))?;
+    if size < 4096 || !size.is_power_of_two() {
+        return Err(format!(
+            "{size} is not a power of two of at least 4096 (try {})",
+            size.max(4096).next_power_of_two()
+        ));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn needs_a_target() {
+        assert!(Cli::try_parse_from(["tracer-agent"]).is_err());
+        assert!(Cli::try_parse_from(["tracer-agent", "--all", "--pid", "1"]).is_err());
+        let cli = Cli::try_parse_from(["tracer-agent", "--pid", "1", "--pid", "2"]).unwrap();
+        assert_eq!(cli.pids, vec![1, 2]);
+    }
+
+    #[test]
+    fn dump_defaults_to_text() {
+        let cli = Cli::try_parse_from(["tracer-agent", "--all", "--dump"]).unwrap();
+        assert_eq!(cli.dump, Some(DumpFormat::Text));
+        let cli = Cli::try_parse_from(["tracer-agent", "--all", "--dump=json"]).unwrap();
+        assert_eq!(cli.dump, Some(DumpFormat::Json));
+        let cli = Cli::try_parse_from(["tracer-agent", "--all"]).unwrap();
+        assert_eq!(cli.dump, None);
+    }
+
+    #[test]
+    fn ring_size_must_be_power_of_two() {
+        assert!(parse_ring_size("4096").is_ok());
+        assert!(parse_ring_size("5000").unwrap_err().contains("8192"));
+        assert!(parse_ring_size("1024").is_err());
+        assert!(parse_ring_size("x").is_err());
+    }
+
+    #[test]
+    fn capture_limit_is_bounded() {
+        assert!(Cli::try_parse_from(["tracer-agent", "--all", "--capture-limit", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from(["tracer-agent", "--all", "--capture-limit", "65537"]).is_err()
+        );
+    }
+}

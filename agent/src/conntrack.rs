@@ -1,0 +1,279 @@
+//! Connection table: connection id -> who (process, fd), which side (role) and where (local and
+//! remote address). Tuples come from the kernel when it saw the connection start; for older
+//! connections the agent asks /proc (see `procfs_sockets`).
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use log::debug;
+use tracer_common::{ConnEvent, Tuple, conn_flags, role};
+
+use crate::procfs_sockets::{self, RoleHint};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// Where a connection's addresses came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TupleSource {
+    Kernel,
+    Procfs,
+    Unknown,
+}
+
+impl TupleSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TupleSource::Kernel => "kernel",
+            TupleSource::Procfs => "procfs",
+            TupleSource::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub id: u64,
+    pub pid: u32,
+    pub fd: i32,
+    pub role: Role,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    pub tuple_source: TupleSource,
+    pub process: Arc<Process>,
+}
+
+#[derive(Debug)]
+pub struct Process {
+    /// Executable file name, e.g. `python3.11`.
+    pub exe: String,
+}
+
+impl Process {
+    fn read(pid: u32) -> Self {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .or_else(|| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .ok()
+                    .map(|c| c.trim().to_owned())
+            })
+            .unwrap_or_else(|| "?".to_owned());
+        Self { exe }
+    }
+}
+
+#[derive(Default)]
+pub struct ConnTable {
+    conns: HashMap<u64, Connection>,
+    processes: HashMap<u32, Arc<Process>>,
+    /// Connections whose tuple neither the kernel nor /proc could tell.
+    pub unresolved: u64,
+}
+
+fn to_addr(family: u16, addr: [u8; 16], port: u16) -> Option<SocketAddr> {
+    let ip = match family {
+        2 => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        10 => {
+            let v6 = Ipv6Addr::from(addr);
+            // Show IPv4 clients of dual-stack sockets as IPv4, as people expect.
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+pub fn tuple_addrs(tuple: &Tuple) -> Option<(SocketAddr, SocketAddr)> {
+    Some((
+        to_addr(tuple.family, tuple.saddr, tuple.sport)?,
+        to_addr(tuple.family, tuple.daddr, tuple.dport)?,
+    ))
+}
+
+impl ConnTable {
+    fn process(&mut self, pid: u32) -> Arc<Process> {
+        self.processes
+            .entry(pid)
+            .or_insert_with(|| Arc::new(Process::read(pid)))
+            .clone()
+    }
+
+    /// Records a connection the kernel announced.
+    pub fn open(&mut self, event: &ConnEvent) -> &Connection {
+        let header = &event.header;
+        let role = match event.role {
+            role::CLIENT => Role::Client,
+            role::SERVER => Role::Server,
+            _ => Role::Unknown,
+        };
+        let mut conn = Connection {
+            id: header.conn_id,
+            pid: header.pid,
+            fd: header.fd,
+            role,
+            local: None,
+            remote: None,
+            tuple_source: TupleSource::Unknown,
+            process: self.process(header.pid),
+        };
+        if event.flags & conn_flags::TUPLE_KNOWN != 0
+            && let Some((local, remote)) = tuple_addrs(&event.tuple)
+        {
+            conn.local = Some(local);
+            conn.remote = Some(remote);
+            conn.tuple_source = TupleSource::Kernel;
+        }
+        if conn.local.is_none() || conn.role == Role::Unknown {
+            self.resolve(&mut conn);
+        }
+        self.conns.insert(conn.id, conn);
+        &self.conns[&header.conn_id]
+    }
+
+    /// The connection for data whose open event was lost: resolved from /proc.
+    pub fn get_or_resolve(&mut self, conn_id: u64, pid: u32, fd: i32) -> &Connection {
+        if !self.conns.contains_key(&conn_id) {
+            let mut conn = Connection {
+                id: conn_id,
+                pid,
+                fd,
+                role: Role::Unknown,
+                local: None,
+                remote: None,
+                tuple_source: TupleSource::Unknown,
+                process: self.process(pid),
+            };
+            self.resolve(&mut conn);
+            self.conns.insert(conn_id, conn);
+        }
+        &self.conns[&conn_id]
+    }
+
+    fn resolve(&mut self, conn: &mut Connection) {
+        match procfs_sockets::lookup(conn.pid, conn.fd) {
+            Ok(info) => {
+                if conn.local.is_none() {
+                    conn.local = Some(unmap(info.local));
+                    conn.remote = Some(unmap(info.remote));
+                    conn.tuple_source = TupleSource::Procfs;
+                }
+                if conn.role == Role::Unknown {
+                    conn.role = match info.role {
+                        RoleHint::Client => Role::Client,
+                        RoleHint::Server => Role::Server,
+                        RoleHint::Unknown => Role::Unknown,
+                    };
+                }
+            }
+            Err(err) => {
+                self.unresolved += 1;
+                debug!("connection {} of pid {}: {err}", conn.id, conn.pid);
+            }
+        }
+    }
+
+    pub fn close(&mut self, conn_id: u64) -> Option<Connection> {
+        self.conns.remove(&conn_id)
+    }
+
+    pub fn get(&self, conn_id: u64) -> Option<&Connection> {
+        self.conns.get(&conn_id)
+    }
+
+    /// Connections of one process.
+    pub fn ids_of(&self, pid: u32) -> Vec<u64> {
+        self.conns
+            .values()
+            .filter(|c| c.pid == pid)
+            .map(|c| c.id)
+            .collect()
+    }
+
+    /// Forgets an exited process and its connections.
+    pub fn exit(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+        self.conns.retain(|_, c| c.pid != pid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn processes(&self) -> usize {
+        self.processes.len()
+    }
+}
+
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuple_to_addresses() {
+        let mut tuple = Tuple {
+            family: 2,
+            sport: 8080,
+            dport: 51000,
+            ..Default::default()
+        };
+        tuple.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tuple.daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let (local, remote) = tuple_addrs(&tuple).unwrap();
+        assert_eq!(local.to_string(), "127.0.0.1:8080");
+        assert_eq!(remote.to_string(), "10.1.2.3:51000");
+
+        let v6 = Tuple {
+            family: 10,
+            sport: 1,
+            dport: 2,
+            saddr: Ipv6Addr::LOCALHOST.octets(),
+            daddr: Ipv4Addr::new(1, 2, 3, 4).to_ipv6_mapped().octets(),
+            ..Default::default()
+        };
+        let (local, remote) = tuple_addrs(&v6).unwrap();
+        assert_eq!(local.to_string(), "[::1]:1");
+        assert_eq!(remote.to_string(), "1.2.3.4:2");
+        assert!(
+            tuple_addrs(&Tuple {
+                family: 1,
+                ..Default::default()
+            })
+            .is_none()
+        );
+    }
+}

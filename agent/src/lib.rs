@@ -1,0 +1,12 @@
+//! tracer-agent as a library: the pipeline stages, in the order data flows through them.
+//! The `tracer-agent` binary (main.rs) wires them to the kernel probes; benchmarks and fuzz
+//! targets drive them directly.
+pub mod capture;
+pub mod cli;
+pub mod clock;
+pub mod conntrack;
+pub mod dump;
+pub mod metrics;
+pub mod pipeline;
+pub mod procfs_sockets;
+pub mod streams;

@@ -1,0 +1,224 @@
+//! tracer-agent: loads the probes, then drives the pipeline from the ring buffer until told to
+//! stop. See `pipeline` for the stages and `capture` for the kernel side.
+
+use std::{
+    io::{BufWriter, Write},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use log::{info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+use tracer_common::counter;
+
+use tracer_agent::{
+    capture::{self, KernelCounters, ProbeConfig, Probes},
+    cli::Cli,
+    clock::Clock,
+    dump::Dump,
+    metrics::{self, KernelLoss, Metrics},
+    pipeline::Pipeline,
+    streams::StreamLimits,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
+        .format_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tracer-agent: error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tracer-agent: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_ready(false, "probes not attached yet");
+    // Bind first so a bad address fails before any probe is loaded.
+    if let Some(addr) = cli.metrics_addr {
+        let listener = metrics::bind(addr).await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(err) = metrics::serve_on(listener, metrics).await {
+                warn!("metrics server stopped: {err}");
+            }
+        });
+        info!("metrics on http://{addr}/metrics, readiness on http://{addr}/readyz");
+    }
+
+    capture::preflight()?;
+    let mut probes = capture::load(&ProbeConfig {
+        trace_all: cli.all,
+        pids: cli.pids.clone(),
+        capture_limit: cli.capture_limit,
+        ring_buffer_bytes: cli.ring_buffer_bytes,
+    })?;
+    metrics.probes_attached.set(probes.attached as u64);
+    metrics.set_ready(true, "all probes attached");
+
+    let clock = Clock::new();
+    let dump = cli.dump.map(|format| {
+        Dump::new(
+            format,
+            cli.dump_preview,
+            BufWriter::with_capacity(64 * 1024, std::io::stdout()),
+            clock,
+        )
+    });
+    let limits = StreamLimits {
+        max_pending_per_direction: cli.max_pending_per_direction,
+        max_pending_total: cli.max_pending_total,
+        ..StreamLimits::default()
+    };
+    let mut pipeline = Pipeline::new(limits, dump);
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let deadline = async {
+        match cli.duration {
+            Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let status_every = Duration::from_secs(cli.status_interval);
+    let mut last_status = tokio::time::Instant::now();
+
+    loop {
+        tokio::select! {
+            guard = probes.events.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    pipeline.handle(&item);
+                }
+                guard.clear_ready();
+                pipeline.flush();
+            }
+            _ = tick.tick() => {
+                pipeline.tick(Clock::monotonic_now());
+                pipeline.flush();
+                probes.poll_logger();
+                let kernel = probes.counters();
+                publish(&metrics, &probes, &pipeline, &kernel, cli.all);
+                if !status_every.is_zero() && last_status.elapsed() >= status_every {
+                    last_status = tokio::time::Instant::now();
+                    print_status(&pipeline, &kernel);
+                }
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = &mut deadline => { info!("--duration reached: stopping"); break; }
+        }
+    }
+
+    // Drain what the kernel already wrote, then report the totals once.
+    {
+        let ring = probes.events.get_mut();
+        while let Some(item) = ring.next() {
+            pipeline.handle(&item);
+        }
+    }
+    pipeline.tick(u64::MAX);
+    pipeline.flush();
+    let kernel = probes.counters();
+    publish(&metrics, &probes, &pipeline, &kernel, cli.all);
+    print_status(&pipeline, &kernel);
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+/// Copies kernel and userspace figures into the metrics.
+fn publish(
+    metrics: &Metrics,
+    probes: &Probes,
+    pipeline: &Pipeline<impl Write>,
+    kernel: &KernelCounters,
+    trace_all: bool,
+) {
+    metrics.observe_total(&metrics.bytes_captured, kernel.get(counter::BYTES_CAPTURED));
+    metrics.observe_total(
+        &metrics.bytes_not_captured,
+        kernel.get(counter::BYTES_NOT_CAPTURED),
+    );
+    for (loss, index) in [
+        (KernelLoss::RingbufFull, counter::LOSS_RINGBUF_FULL),
+        (KernelLoss::CopyFailed, counter::LOSS_COPY_FAILED),
+        (KernelLoss::InflightMapFull, counter::LOSS_INFLIGHT_MAP_FULL),
+        (KernelLoss::ConnMapFull, counter::LOSS_CONN_MAP_FULL),
+        (KernelLoss::TracedMapFull, counter::LOSS_TRACED_MAP_FULL),
+    ] {
+        metrics.observe_kernel_lost_events(loss, kernel.get(index));
+    }
+    metrics.observe_kernel_lost_bytes(
+        KernelLoss::RingbufFull,
+        kernel.get(counter::LOSS_RINGBUF_FULL_BYTES),
+    );
+    pipeline.publish(metrics);
+    // With --all the kernel keeps no list; count the processes seen with connections.
+    let processes = if trace_all {
+        pipeline.processes()
+    } else {
+        probes.traced_count()
+    };
+    metrics.processes_traced.set(processes as u64);
+}
+
+/// The periodic one-line summary on stderr: what is traced and every loss so far.
+fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
+    {
+        let lost = [
+            ("ring buffer full", kernel.get(counter::LOSS_RINGBUF_FULL)),
+            ("copy failed", kernel.get(counter::LOSS_COPY_FAILED)),
+            (
+                "syscall map full",
+                kernel.get(counter::LOSS_INFLIGHT_MAP_FULL),
+            ),
+            (
+                "connection map full",
+                kernel.get(counter::LOSS_CONN_MAP_FULL),
+            ),
+            (
+                "process map full",
+                kernel.get(counter::LOSS_TRACED_MAP_FULL),
+            ),
+            ("undecodable", pipeline.stats.decode_errors),
+        ];
+        let losses: Vec<String> = lost
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(what, n)| format!("{n} {what}"))
+            .collect();
+        eprintln!(
+            "tracer-agent: {} connections, {} events, {} bytes captured ({} not captured); lost: {}",
+            pipeline.connections(),
+            pipeline.stats.events,
+            kernel.get(counter::BYTES_CAPTURED),
+            kernel.get(counter::BYTES_NOT_CAPTURED),
+            if losses.is_empty() {
+                "none".to_owned()
+            } else {
+                losses.join(", ")
+            }
+        );
+    }
+}

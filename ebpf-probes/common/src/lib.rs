@@ -1,0 +1,230 @@
+//! The kernel/user boundary of tracer-agent: `#[repr(C)]`, `Copy`, padding-free records that the
+//! probes write into the ring buffer and maps, and that the agent reads back.
+//!
+//! Every record in the `EVENTS` ring buffer starts with an [`EventHeader`] whose `kind` says
+//! which record follows. Layouts are checked by size assertions at the bottom of this file, so a
+//! change on one side that the other does not follow fails to compile.
+#![no_std]
+
+/// Payload bytes carried by one [`DataEvent`] chunk. A syscall larger than this is split into
+/// several chunks, up to the capture limit.
+pub const CHUNK_SIZE: usize = 4096;
+/// Most chunks one syscall may produce: the hard ceiling on the per-syscall capture limit.
+pub const MAX_CHUNKS_PER_SYSCALL: usize = 16;
+/// Largest per-syscall capture limit the probes accept (bytes).
+pub const MAX_CAPTURE_LIMIT: u32 = (CHUNK_SIZE * MAX_CHUNKS_PER_SYSCALL) as u32;
+/// Default per-syscall capture limit (bytes).
+pub const DEFAULT_CAPTURE_LIMIT: u32 = 16 * 1024;
+/// iovec entries looked at per readv/writev/sendmsg/recvmsg; later ones count as not captured.
+pub const MAX_IOV: usize = 16;
+/// Messages looked at per sendmmsg/recvmmsg; later ones count as not captured.
+pub const MAX_MMSG: usize = 4;
+
+/// `EventHeader::kind` values.
+pub mod kind {
+    /// A [`crate::DataEvent`] followed by `captured_len` payload bytes.
+    pub const DATA: u32 = 1;
+    /// A [`crate::ConnEvent`]: first sight of a TCP connection on (tgid, fd).
+    pub const OPEN: u32 = 2;
+    /// A [`crate::CloseEvent`]: the fd of a tracked connection was closed.
+    pub const CLOSE: u32 = 3;
+    /// An [`crate::EventHeader`] alone: the traced process (thread group) exited.
+    pub const EXIT: u32 = 4;
+}
+
+/// Which side of the TCP connection the traced process is on.
+pub mod role {
+    pub const UNKNOWN: u32 = 0;
+    /// It called connect().
+    pub const CLIENT: u32 = 1;
+    /// It accepted the connection.
+    pub const SERVER: u32 = 2;
+}
+
+/// Data direction, seen from the traced process.
+pub mod direction {
+    /// write/send: bytes leaving the process.
+    pub const EGRESS: u32 = 0;
+    /// read/recv: bytes entering the process.
+    pub const INGRESS: u32 = 1;
+}
+
+/// The syscall that moved the bytes, for display and statistics.
+pub mod syscall {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const READV: u32 = 3;
+    pub const WRITEV: u32 = 4;
+    pub const RECVFROM: u32 = 5;
+    pub const SENDTO: u32 = 6;
+    pub const RECVMSG: u32 = 7;
+    pub const SENDMSG: u32 = 8;
+    pub const RECVMMSG: u32 = 9;
+    pub const SENDMMSG: u32 = 10;
+    pub const SENDFILE: u32 = 11;
+    pub const CONNECT: u32 = 12;
+    pub const ACCEPT: u32 = 13;
+    pub const ACCEPT4: u32 = 14;
+    pub const CLOSE: u32 = 15;
+}
+
+/// `DataEvent::flags` bits.
+pub mod data_flags {
+    /// First chunk of this syscall's data.
+    pub const FIRST_CHUNK: u32 = 1 << 0;
+    /// Last chunk of this syscall's data.
+    pub const LAST_CHUNK: u32 = 1 << 1;
+    /// The syscall moved more bytes than were captured (capture limit, iovec or message limit).
+    pub const TRUNCATED: u32 = 1 << 2;
+    /// Reading the process's buffer failed; this chunk carries no bytes.
+    pub const COPY_FAILED: u32 = 1 << 3;
+    /// The bytes never passed through user memory (sendfile): only the length is known.
+    pub const NO_PAYLOAD: u32 = 1 << 4;
+}
+
+/// `ConnEvent::flags` bits.
+pub mod conn_flags {
+    /// `tuple` is filled in (from `sock:inet_sock_set_state` or `tcp:tcp_rcv_space_adjust`).
+    /// Without it the agent looks the socket up in /proc.
+    pub const TUPLE_KNOWN: u32 = 1 << 0;
+}
+
+/// Indexes of the per-CPU `COUNTERS` array. Every place the probes can lose data has one.
+pub mod counter {
+    /// Data chunks written to the ring buffer.
+    pub const EVENTS: u32 = 0;
+    /// Payload bytes written to the ring buffer.
+    pub const BYTES_CAPTURED: u32 = 1;
+    /// Socket bytes moved by traced syscalls but not captured (capture limit, iovec limits).
+    pub const BYTES_NOT_CAPTURED: u32 = 2;
+    /// Events dropped because the ring buffer was full.
+    pub const LOSS_RINGBUF_FULL: u32 = 3;
+    /// Payload bytes lost with those events.
+    pub const LOSS_RINGBUF_FULL_BYTES: u32 = 4;
+    /// Reads of the process's buffers that failed.
+    pub const LOSS_COPY_FAILED: u32 = 5;
+    /// Syscalls not followed because the in-flight map was full.
+    pub const LOSS_INFLIGHT_MAP_FULL: u32 = 6;
+    /// Connections not tracked because the connection map was full.
+    pub const LOSS_CONN_MAP_FULL: u32 = 7;
+    /// Forked children not traced because the traced-process map was full.
+    pub const LOSS_TRACED_MAP_FULL: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+}
+
+/// Common prefix of every ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// Process (thread group) id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// File descriptor in `pid`, or -1.
+    pub fd: i32,
+    /// Connection id, unique for the life of the agent; 0 when not about a connection.
+    pub conn_id: u64,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event happened (syscall exit).
+    pub ts_ns: u64,
+}
+
+/// One chunk of one socket read or write. `captured_len` payload bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    /// CLOCK_MONOTONIC nanoseconds at syscall entry.
+    pub enter_ns: u64,
+    /// Position in this direction's byte stream of the syscall's first byte.
+    pub syscall_pos: u64,
+    /// Bytes the syscall moved (its return value, summed over messages for *mmsg).
+    pub syscall_len: u64,
+    /// Offset of this chunk's first byte within the syscall's bytes.
+    pub chunk_offset: u32,
+    /// Payload bytes that follow this header.
+    pub captured_len: u32,
+    /// One of [`direction`].
+    pub direction: u32,
+    /// One of [`syscall`].
+    pub syscall: u32,
+    /// [`data_flags`] bits.
+    pub flags: u32,
+    /// Chunk index within the syscall, from 0.
+    pub chunk_index: u32,
+}
+
+/// Addresses and ports of a TCP connection as the kernel reported them. IPv4 addresses sit in
+/// the first four bytes of `saddr`/`daddr`; ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuple {
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// Local port.
+    pub sport: u16,
+    /// Remote port.
+    pub dport: u16,
+    pub _pad: u16,
+    /// Local address.
+    pub saddr: [u8; 16],
+    /// Remote address.
+    pub daddr: [u8; 16],
+}
+
+/// First sight of a TCP connection on (pid, fd).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub header: EventHeader,
+    /// One of [`role`].
+    pub role: u32,
+    /// [`conn_flags`] bits.
+    pub flags: u32,
+    pub tuple: Tuple,
+    /// The syscall that revealed the connection (connect, accept, or a first read/write).
+    pub syscall: u32,
+    pub _pad: u32,
+}
+
+/// The fd of a tracked connection was closed (or reused for another socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseEvent {
+    pub header: EventHeader,
+    /// Bytes written on the connection while traced.
+    pub egress_bytes: u64,
+    /// Bytes read on the connection while traced.
+    pub ingress_bytes: u64,
+}
+
+/// Key of the kernel's connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, made only of integers and arrays of integers, and has
+    // no padding (checked by the size assertions below), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::DataEvent {}
+    unsafe impl aya::Pod for super::Tuple {}
+    unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::CloseEvent {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}
+
+// No padding anywhere: the size is the sum of the fields.
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 32 + 8 * 3 + 4 * 6);
+const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32 + 8 + 40 + 8);
+const _: () = assert!(core::mem::size_of::<CloseEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
+const _: () = assert!(CHUNK_SIZE.is_power_of_two());

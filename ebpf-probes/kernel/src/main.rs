@@ -1,0 +1,1016 @@
+//! tracer-agent kernel programs. Tracepoints only: this must run where kprobes and fentry are
+//! unavailable (see shared notes on the kernel).
+//!
+//! How a socket read or write becomes events:
+//! * `sys_enter_*` of a traced process saves the syscall's arguments in `INFLIGHT`;
+//! * `sock:sock_{send,recv}_length`, which fire inside the syscall in the caller's context, add
+//!   the socket (sk pointer, family, protocol), so files and pipes are told apart from sockets
+//!   without kprobes;
+//! * `sys_exit_*` knows how many bytes moved, copies up to the capture limit from user memory
+//!   and writes `DataEvent` chunks to `EVENTS`, each placed by its byte position in that
+//!   direction of the connection.
+//!
+//! Connection tuples and roles come from `sock:inet_sock_set_state` (and
+//! `tcp:tcp_rcv_space_adjust` for connections older than the agent), keyed by sk pointer.
+//! Entry points are thin; each losing path increments a `COUNTERS` slot.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_get_smp_processor_id, bpf_loop, bpf_probe_read_user},
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+use tracer_common::{
+    CHUNK_SIZE, CloseEvent, ConnEvent, ConnKey, DataEvent, EventHeader, MAX_CAPTURE_LIMIT,
+    MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG, Tuple, conn_flags, counter, data_flags, direction,
+    kind, role, syscall,
+};
+
+// ---- load-time configuration (set by the agent with EbpfLoader::set_global) ----
+
+/// 1: trace every process but the agent; 0: only the tgids in `TRACED`.
+#[unsafe(no_mangle)]
+static TRACE_ALL: u32 = 0;
+/// The agent's own tgid, never traced.
+#[unsafe(no_mangle)]
+static AGENT_TGID: u32 = 0;
+/// Bytes captured per syscall at most (clamped to MAX_CAPTURE_LIMIT).
+#[unsafe(no_mangle)]
+static CAPTURE_LIMIT: u32 = tracer_common::DEFAULT_CAPTURE_LIMIT;
+
+// ---- maps ----
+
+/// Traced thread-group ids (and, briefly, thread ids of their new threads: see fork).
+#[map]
+static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(65_536, 0);
+
+/// Syscalls in flight, keyed by pid_tgid.
+#[map]
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16_384, 0);
+
+/// Tracked connections by (tgid, fd). LRU so fds we never saw closed cannot fill it.
+#[map]
+static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Tuple and role of TCP sockets by sk pointer, host-wide.
+#[map]
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Events to the agent. The agent sets the size at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Statistics and loss counters, indexed by `tracer_common::counter`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per-CPU sequence for connection ids.
+#[map]
+static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU staging area for one data chunk: header then payload. The payload area is twice a
+/// chunk so that `offset < CHUNK_SIZE` plus `len <= CHUNK_SIZE` is always in bounds for the
+/// verifier.
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct Scratch {
+    /// Kept here rather than on the stack: the verifier does not track map value contents, so
+    /// the copy loop's callback is verified once instead of once per possible iteration.
+    copy: CopyState,
+    event: DataEvent,
+    data: [u8; CHUNK_SIZE * 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Inflight {
+    enter_ns: u64,
+    /// buf, iovec array, msghdr or mmsghdr array, by syscall.
+    buf: u64,
+    /// Byte count, iovec count or message count, by syscall.
+    count: u64,
+    /// Socket seen by sock_{send,recv}_length or inet_sock_set_state during the syscall.
+    sk: u64,
+    fd: i32,
+    syscall: u32,
+    sk_family: u16,
+    sk_protocol: u16,
+    /// Receive flags seen by sock_recv_length (MSG_PEEK reads are not consumed data).
+    recv_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConnState {
+    id: u64,
+    sk: u64,
+    /// Next byte position per direction (index: tracer_common::direction).
+    pos: [u64; 2],
+    role: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockInfo {
+    tuple: Tuple,
+    role: u32,
+    _pad: u32,
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: u32 = 2;
+const EINPROGRESS: i64 = 115;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+
+/// Offset of syscall argument `n` in a `syscalls:sys_enter_*` record; of `ret` in sys_exit_*.
+const fn arg(n: usize) -> usize {
+    16 + 8 * n
+}
+const RET: usize = 16;
+
+// ---- small helpers ----
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // Tracepoint records may be read directly; the verifier checks the offset.
+    unsafe { *(ctx.as_ptr() as *const u8).add(offset).cast::<T>() }
+}
+
+#[inline(always)]
+fn count(index: u32, n: u64) -> u64 {
+    match COUNTERS.get_ptr_mut(index) {
+        Some(p) => unsafe {
+            let before = *p;
+            *p = before + n;
+            before
+        },
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn is_traced(tgid: u32) -> bool {
+    if unsafe { read_volatile(&TRACE_ALL) } != 0 {
+        return tgid != unsafe { read_volatile(&AGENT_TGID) };
+    }
+    unsafe { TRACED.get(tgid) }.is_some()
+}
+
+#[inline(always)]
+fn capture_limit() -> u64 {
+    let limit = unsafe { read_volatile(&CAPTURE_LIMIT) };
+    if limit > MAX_CAPTURE_LIMIT {
+        MAX_CAPTURE_LIMIT as u64
+    } else {
+        limit as u64
+    }
+}
+
+#[inline(always)]
+fn header(kind: u32, pid_tgid: u64, fd: i32, conn_id: u64) -> EventHeader {
+    EventHeader {
+        kind,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        fd,
+        conn_id,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+#[inline(always)]
+fn output<T>(value: &T) -> bool {
+    if EVENTS.output::<T>(value, 0).is_err() {
+        count(counter::LOSS_RINGBUF_FULL, 1);
+        return false;
+    }
+    true
+}
+
+/// Connection ids: a per-CPU sequence with the CPU number in the low 10 bits, so ids are unique
+/// without atomics and stay short enough to read in the dump.
+fn new_conn_id() -> u64 {
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    let seq = match CONN_SEQ.get_ptr_mut(0) {
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
+    };
+    (seq << 10) | (cpu & 1023)
+}
+
+// ---- syscall entry: remember arguments ----
+
+#[inline(always)]
+fn enter(ctx: &TracePointContext, nr: u32, fd: i32, buf: u64, count_arg: u64) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let inflight = Inflight {
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+        buf,
+        count: count_arg,
+        sk: 0,
+        fd,
+        syscall: nr,
+        sk_family: 0,
+        sk_protocol: 0,
+        recv_flags: 0,
+    };
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err()
+        && count(counter::LOSS_INFLIGHT_MAP_FULL, 1) == 0
+    {
+        warn!(
+            ctx,
+            "in-flight syscall map full: socket I/O is being missed"
+        );
+    }
+    0
+}
+
+/// Entry of a syscall with (fd, pointer, count) arguments.
+#[inline(always)]
+fn enter3(ctx: &TracePointContext, nr: u32) -> u32 {
+    let fd: u64 = read(ctx, arg(0));
+    let buf: u64 = read(ctx, arg(1));
+    let n: u64 = read(ctx, arg(2));
+    enter(ctx, nr, fd as i32, buf, n)
+}
+
+macro_rules! enter_programs {
+    ($($name:ident => $nr:expr),* $(,)?) => {$(
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            enter3(&ctx, $nr)
+        }
+    )*};
+}
+
+enter_programs! {
+    sys_enter_read => syscall::READ,
+    sys_enter_write => syscall::WRITE,
+    sys_enter_readv => syscall::READV,
+    sys_enter_writev => syscall::WRITEV,
+    sys_enter_recvfrom => syscall::RECVFROM,
+    sys_enter_sendto => syscall::SENDTO,
+    sys_enter_recvmsg => syscall::RECVMSG,
+    sys_enter_sendmsg => syscall::SENDMSG,
+    sys_enter_recvmmsg => syscall::RECVMMSG,
+    sys_enter_sendmmsg => syscall::SENDMMSG,
+    sys_enter_connect => syscall::CONNECT,
+    sys_enter_accept => syscall::ACCEPT,
+    sys_enter_accept4 => syscall::ACCEPT4,
+}
+
+#[tracepoint]
+pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
+    let out_fd: u64 = read(&ctx, arg(0));
+    let n: u64 = read(&ctx, arg(3));
+    enter(&ctx, syscall::SENDFILE, out_fd as i32, 0, n)
+}
+
+// ---- inside the syscall: which socket ----
+
+#[inline(always)]
+fn sock_length(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inflight) = INFLIGHT.get_ptr_mut(pid_tgid) else {
+        return 0;
+    };
+    let sk: u64 = read(ctx, 8);
+    let family: u16 = read(ctx, 16);
+    let protocol: u16 = read(ctx, 18);
+    let flags: i32 = read(ctx, 24);
+    unsafe {
+        (*inflight).sk = sk;
+        (*inflight).sk_family = family;
+        (*inflight).sk_protocol = protocol;
+        (*inflight).recv_flags |= flags as u32;
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    sock_length(&ctx)
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    sock_length(&ctx)
+}
+
+/// Tuple fields common to inet_sock_set_state and tcp_rcv_space_adjust, at their offsets.
+#[inline(always)]
+fn read_tuple(
+    ctx: &TracePointContext,
+    sport: usize,
+    family: usize,
+    saddr: usize,
+    saddr_v6: usize,
+) -> Option<Tuple> {
+    let family: u16 = read(ctx, family);
+    let mut tuple = Tuple {
+        family,
+        sport: read(ctx, sport),
+        dport: read(ctx, sport + 2),
+        _pad: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    // Address arrays are copied with a helper: the compiler turns direct copies into
+    // pointer-walking loops over ctx, which the verifier rejects.
+    match family {
+        AF_INET => {
+            let s: [u8; 4] = unsafe { ctx.read_at(saddr) }.ok()?;
+            let d: [u8; 4] = unsafe { ctx.read_at(saddr + 4) }.ok()?;
+            tuple.saddr[..4].copy_from_slice(&s);
+            tuple.daddr[..4].copy_from_slice(&d);
+        }
+        AF_INET6 => {
+            tuple.saddr = unsafe { ctx.read_at(saddr_v6) }.ok()?;
+            tuple.daddr = unsafe { ctx.read_at(saddr_v6 + 16) }.ok()?;
+        }
+        _ => return None,
+    }
+    Some(tuple)
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let protocol: u16 = read(&ctx, 30);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let sk: u64 = read(&ctx, 8);
+    let old: i32 = read(&ctx, 16);
+    let new: i32 = read(&ctx, 20);
+    let role = match (old, new) {
+        (_, TCP_SYN_SENT) => role::CLIENT,
+        (_, TCP_SYN_RECV) | (TCP_SYN_RECV, TCP_ESTABLISHED) => role::SERVER,
+        _ => return 0,
+    };
+    let Some(tuple) = read_tuple(&ctx, 24, 28, 32, 40) else {
+        return 0;
+    };
+    let _ = SOCKS.insert(
+        sk,
+        SockInfo {
+            tuple,
+            role,
+            _pad: 0,
+        },
+        0,
+    );
+    // SYN_SENT fires inside connect() in the caller's context: that ties fd to sk.
+    if role == role::CLIENT
+        && let Some(inflight) = INFLIGHT.get_ptr_mut(bpf_get_current_pid_tgid())
+    {
+        unsafe {
+            if (*inflight).syscall == syscall::CONNECT {
+                (*inflight).sk = sk;
+                (*inflight).sk_family = tuple.family;
+                (*inflight).sk_protocol = IPPROTO_TCP;
+            }
+        }
+    }
+    0
+}
+
+/// Receives on connections that predate the agent reveal their tuple here.
+#[tracepoint]
+pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if INFLIGHT.get_ptr(pid_tgid).is_none() {
+        return 0;
+    }
+    let sk: u64 = read(&ctx, 8);
+    if SOCKS.get_ptr(sk).is_some() {
+        return 0;
+    }
+    let Some(tuple) = read_tuple(&ctx, 16, 20, 22, 30) else {
+        return 0;
+    };
+    let _ = SOCKS.insert(
+        sk,
+        SockInfo {
+            tuple,
+            role: role::UNKNOWN,
+            _pad: 0,
+        },
+        0,
+    );
+    0
+}
+
+// ---- process life ----
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if unsafe { read_volatile(&TRACE_ALL) } != 0 {
+        return 0;
+    }
+    // The forking task is current; child_pid is the new task's id (a tid for new threads,
+    // whose entry is harmless and removed when the thread exits).
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { TRACED.get(parent) }.is_none() {
+        return 0;
+    }
+    let child: i32 = read(&ctx, 20);
+    if TRACED.insert(child as u32, 1, 0).is_err() && count(counter::LOSS_TRACED_MAP_FULL, 1) == 0 {
+        warn!(
+            &ctx,
+            "traced-process map full: forked child {} not traced", child
+        );
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if !is_traced(tgid) {
+        return 0;
+    }
+    let group_dead: u8 = read(&ctx, 32);
+    if tid != tgid {
+        let _ = TRACED.remove(tid);
+    }
+    if group_dead != 0 {
+        let _ = TRACED.remove(tgid);
+        output(&header(kind::EXIT, pid_tgid, -1, 0));
+    }
+    0
+}
+
+// ---- connections ----
+
+fn emit_open(pid_tgid: u64, fd: i32, conn: &ConnState, nr: u32) {
+    let mut event = ConnEvent {
+        header: header(kind::OPEN, pid_tgid, fd, conn.id),
+        role: conn.role,
+        flags: 0,
+        tuple: Tuple::default(),
+        syscall: nr,
+        _pad: 0,
+    };
+    if let Some(info) = unsafe { SOCKS.get(conn.sk) } {
+        event.tuple = info.tuple;
+        event.flags = conn_flags::TUPLE_KNOWN;
+        if event.role == role::UNKNOWN {
+            event.role = info.role;
+        }
+    }
+    output(&event);
+}
+
+fn emit_close(pid_tgid: u64, fd: i32, conn: &ConnState) {
+    output(&CloseEvent {
+        header: header(kind::CLOSE, pid_tgid, fd, conn.id),
+        egress_bytes: conn.pos[direction::EGRESS as usize],
+        ingress_bytes: conn.pos[direction::INGRESS as usize],
+    });
+}
+
+/// The connection on (tgid, fd) for socket `sk`, created (and announced) on first sight.
+fn conn_for(
+    ctx: &TracePointContext,
+    pid_tgid: u64,
+    fd: i32,
+    sk: u64,
+    nr: u32,
+) -> Option<*mut ConnState> {
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd,
+    };
+    let mut role = role::UNKNOWN;
+    if let Some(conn) = CONNS.get_ptr_mut(key) {
+        let existing = unsafe { &mut *conn };
+        if existing.sk == sk {
+            return Some(conn);
+        }
+        if existing.sk == 0 {
+            // Accepted earlier; its socket shows itself on first I/O.
+            existing.sk = sk;
+            emit_open(pid_tgid, fd, existing, nr);
+            return Some(conn);
+        }
+        // The fd now names another socket: the old one was closed unseen (dup2, exec...).
+        emit_close(pid_tgid, fd, existing);
+    }
+    if let Some(info) = unsafe { SOCKS.get(sk) } {
+        role = info.role;
+    }
+    let state = ConnState {
+        id: new_conn_id(),
+        sk,
+        pos: [0, 0],
+        role,
+        _pad: 0,
+    };
+    if CONNS.insert(key, state, 0).is_err() {
+        if count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
+            warn!(ctx, "connection map full: a connection is not traced");
+        }
+        return None;
+    }
+    emit_open(pid_tgid, fd, &state, nr);
+    CONNS.get_ptr_mut(key)
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inflight) = take_inflight(pid_tgid) else {
+        return 0;
+    };
+    let ret: i64 = read(&ctx, RET);
+    if (ret == 0 || ret == -EINPROGRESS) && inflight.sk != 0 {
+        let _ = conn_for(&ctx, pid_tgid, inflight.fd, inflight.sk, syscall::CONNECT);
+    }
+    0
+}
+
+#[inline(always)]
+fn exit_accept(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if take_inflight(pid_tgid).is_none() {
+        return 0;
+    }
+    let fd: i64 = read(ctx, RET);
+    if fd < 0 {
+        return 0;
+    }
+    // The accepted socket is not visible here; the first read or write fills it in.
+    let state = ConnState {
+        id: new_conn_id(),
+        sk: 0,
+        pos: [0, 0],
+        role: role::SERVER,
+        _pad: 0,
+    };
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd: fd as i32,
+    };
+    if CONNS.insert(key, state, 0).is_err() && count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
+        warn!(ctx, "connection map full: a connection is not traced");
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_traced(tgid) {
+        return 0;
+    }
+    let fd: u64 = read(&ctx, arg(0));
+    let key = ConnKey {
+        tgid,
+        fd: fd as i32,
+    };
+    if let Some(conn) = unsafe { CONNS.get(key) } {
+        if conn.sk != 0 {
+            emit_close(pid_tgid, fd as i32, conn);
+        }
+        let _ = CONNS.remove(key);
+    }
+    0
+}
+
+// ---- syscall exit: capture the bytes ----
+
+#[inline(always)]
+fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
+    let inflight = unsafe { *INFLIGHT.get(pid_tgid)? };
+    let _ = INFLIGHT.remove(pid_tgid);
+    Some(inflight)
+}
+
+/// Where a syscall's bytes are in user memory.
+#[derive(Clone, Copy)]
+enum Source {
+    /// One buffer.
+    Buf(u64),
+    /// An iovec array and its length.
+    Iov(u64, u64),
+    /// Nothing to copy (sendfile).
+    None,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+/// `struct user_msghdr` as far as we need it (stable user ABI, x86_64).
+const MSGHDR_IOV: u64 = 16;
+const MSGHDR_IOVLEN: u64 = 24;
+/// `struct mmsghdr`: a msghdr (56 bytes) then `msg_len`.
+const MMSGHDR_SIZE: u64 = 64;
+const MMSGHDR_LEN: u64 = 56;
+/// Messages of one *mmsg call whose lengths are read (beyond that the agent sees a gap).
+const MMSG_SCAN: u64 = 64;
+
+#[inline(always)]
+fn read_user<T: Copy + Default>(addr: u64) -> Option<T> {
+    let mut value = T::default();
+    let ret = unsafe {
+        bpf_probe_read_user(
+            &mut value as *mut T as *mut _,
+            core::mem::size_of::<T>() as u32,
+            addr as *const _,
+        )
+    };
+    (ret == 0).then_some(value)
+}
+
+impl Default for Iovec {
+    fn default() -> Self {
+        Self { base: 0, len: 0 }
+    }
+}
+
+/// Sends one staged chunk of `fill` bytes.
+#[inline(always)]
+fn flush_chunk(scratch: *mut Scratch, fill: u64, last: bool) {
+    let len = if fill > CHUNK_SIZE as u64 {
+        CHUNK_SIZE as u64
+    } else {
+        fill
+    };
+    unsafe {
+        let event = &mut (*scratch).event;
+        event.captured_len = len as u32;
+        if last {
+            event.flags |= data_flags::LAST_CHUNK;
+        }
+        let size = core::mem::size_of::<DataEvent>() as u64 + len;
+        let bytes =
+            core::slice::from_raw_parts(event as *const DataEvent as *const u8, size as usize);
+        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+            count(counter::LOSS_RINGBUF_FULL, 1);
+            count(counter::LOSS_RINGBUF_FULL_BYTES, len);
+        } else {
+            count(counter::EVENTS, 1);
+            count(counter::BYTES_CAPTURED, len);
+        }
+        event.flags &= !data_flags::FIRST_CHUNK;
+        event.chunk_offset += len as u32;
+        event.chunk_index += 1;
+    }
+}
+
+/// State of one payload copy, shared with the `bpf_loop` callback through `SCRATCH`.
+#[repr(C)]
+struct CopyState {
+    /// iovec array (or 0 for a single buffer) and its length.
+    iov: u64,
+    iov_count: u64,
+    /// Index of the current segment.
+    index: u64,
+    seg_base: u64,
+    seg_left: u64,
+    /// Bytes still to capture.
+    remaining: u64,
+    captured: u64,
+    /// 1 once the LAST chunk has gone out or copying stopped.
+    done: u64,
+}
+
+/// One step of a payload copy: moves to the next iovec, or copies and sends one chunk.
+/// Runs under bpf_loop, so the verifier checks it once instead of once per unrolled iteration.
+extern "C" fn copy_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let state = unsafe { &mut (*scratch).copy };
+    if state.remaining == 0 || state.done != 0 {
+        return 1;
+    }
+    if state.seg_left == 0 {
+        state.index += 1;
+        if state.iov == 0 || state.index >= state.iov_count || state.index >= MAX_IOV as u64 {
+            return 1;
+        }
+        let addr = state.iov + state.index * core::mem::size_of::<Iovec>() as u64;
+        let Some(seg) = read_user::<Iovec>(addr) else {
+            return 1;
+        };
+        state.seg_base = seg.base;
+        state.seg_left = seg.len;
+        return 0;
+    }
+    let mut n = state.remaining;
+    if n > state.seg_left {
+        n = state.seg_left;
+    }
+    if n > CHUNK_SIZE as u64 {
+        n = CHUNK_SIZE as u64;
+    }
+    let ret = unsafe {
+        bpf_probe_read_user(
+            (*scratch).data.as_mut_ptr() as *mut _,
+            (n as u32) & (CHUNK_SIZE as u32 * 2 - 1),
+            state.seg_base as *const _,
+        )
+    };
+    if ret != 0 {
+        count(counter::LOSS_COPY_FAILED, 1);
+        unsafe { (*scratch).event.flags |= data_flags::COPY_FAILED };
+        return 1;
+    }
+    state.seg_base += n;
+    state.seg_left -= n;
+    state.remaining -= n;
+    state.captured += n;
+    let last = state.remaining == 0;
+    flush_chunk(scratch, n, last);
+    if last {
+        state.done = 1;
+        return 1;
+    }
+    0
+}
+
+/// Copies up to `limit` of the `total` bytes at `source` into DataEvent chunks. The header in
+/// `scratch` must already be filled in. Returns the bytes captured.
+#[inline(always)]
+fn emit_payload(scratch: *mut Scratch, source: Source, total: u64, limit: u64) -> u64 {
+    let want = if total < limit { total } else { limit };
+    let state = unsafe { &mut (*scratch).copy };
+    *state = CopyState {
+        iov: 0,
+        iov_count: 0,
+        index: 0,
+        seg_base: 0,
+        seg_left: 0,
+        remaining: want,
+        captured: 0,
+        done: 0,
+    };
+    match source {
+        Source::Buf(buf) => {
+            state.seg_base = buf;
+            state.seg_left = want;
+        }
+        Source::Iov(iov, n) => {
+            state.iov = iov;
+            state.iov_count = n;
+            if let Some(seg) = read_user::<Iovec>(iov) {
+                state.seg_base = seg.base;
+                state.seg_left = seg.len;
+            }
+        }
+        Source::None => {}
+    }
+    unsafe {
+        bpf_loop(
+            (MAX_CHUNKS_PER_SYSCALL + MAX_IOV) as u32,
+            copy_step as *mut _,
+            core::ptr::null_mut(),
+            0,
+        );
+    }
+    let state = unsafe { &(*scratch).copy };
+    let captured = state.captured;
+    if state.done == 0 {
+        // Stopped early (iovec limit, failed copy): end with an empty LAST chunk so the agent
+        // knows the syscall is complete.
+        unsafe { (*scratch).event.flags |= data_flags::TRUNCATED };
+        flush_chunk(scratch, 0, true);
+    }
+    captured
+}
+
+/// Emits the bytes of one syscall (or one message of *mmsg) on `conn`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn emit_data(
+    pid_tgid: u64,
+    inflight: &Inflight,
+    conn: *mut ConnState,
+    dir: u32,
+    source: Source,
+    len: u64,
+    now: u64,
+) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let conn = unsafe { &mut *conn };
+    let dir_index = (dir & 1) as usize;
+    let pos = conn.pos[dir_index];
+    conn.pos[dir_index] = pos + len;
+    let limit = capture_limit();
+    let mut flags = data_flags::FIRST_CHUNK;
+    if len > limit {
+        flags |= data_flags::TRUNCATED;
+    }
+    if matches!(source, Source::None) {
+        flags |= data_flags::NO_PAYLOAD;
+    }
+    unsafe {
+        (*scratch).event = DataEvent {
+            header: EventHeader {
+                kind: kind::DATA,
+                pid: (pid_tgid >> 32) as u32,
+                tid: pid_tgid as u32,
+                fd: inflight.fd,
+                conn_id: conn.id,
+                ts_ns: now,
+            },
+            enter_ns: inflight.enter_ns,
+            syscall_pos: pos,
+            syscall_len: len,
+            chunk_offset: 0,
+            captured_len: 0,
+            direction: dir,
+            syscall: inflight.syscall,
+            flags,
+            chunk_index: 0,
+        };
+    }
+    let captured = match source {
+        Source::None => {
+            flush_chunk(scratch, 0, true);
+            0
+        }
+        _ => emit_payload(scratch, source, len, limit),
+    };
+    if captured < len {
+        count(counter::BYTES_NOT_CAPTURED, len - captured);
+    }
+}
+
+/// Common exit path: the syscall's socket must be TCP over IPv4/IPv6, else nothing is emitted.
+#[inline(always)]
+fn exit_io(ctx: &TracePointContext, dir: u32) -> Option<(u64, Inflight, *mut ConnState, i64)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let inflight = take_inflight(pid_tgid)?;
+    let ret: i64 = read(ctx, RET);
+    if ret <= 0 || inflight.sk == 0 || inflight.sk_protocol != IPPROTO_TCP {
+        return None;
+    }
+    if inflight.sk_family != AF_INET && inflight.sk_family != AF_INET6 {
+        return None;
+    }
+    if dir == direction::INGRESS && inflight.recv_flags & MSG_PEEK != 0 {
+        return None;
+    }
+    let conn = conn_for(ctx, pid_tgid, inflight.fd, inflight.sk, inflight.syscall)?;
+    Some((pid_tgid, inflight, conn, ret))
+}
+
+#[inline(always)]
+fn exit_buf(ctx: &TracePointContext, dir: u32) -> u32 {
+    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        emit_data(
+            pid_tgid,
+            &inflight,
+            conn,
+            dir,
+            Source::Buf(inflight.buf),
+            ret as u64,
+            now,
+        );
+    }
+    0
+}
+
+#[inline(always)]
+fn exit_iov(ctx: &TracePointContext, dir: u32) -> u32 {
+    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let source = Source::Iov(inflight.buf, inflight.count);
+        emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
+    }
+    0
+}
+
+#[inline(always)]
+fn exit_msg(ctx: &TracePointContext, dir: u32) -> u32 {
+    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let iov: u64 = read_user(inflight.buf + MSGHDR_IOV).unwrap_or(0);
+        let iovlen: u64 = read_user(inflight.buf + MSGHDR_IOVLEN).unwrap_or(0);
+        let source = Source::Iov(iov, iovlen);
+        emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
+    }
+    0
+}
+
+#[inline(always)]
+fn exit_mmsg(ctx: &TracePointContext, dir: u32) -> u32 {
+    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        // ret counts messages; each has its own msghdr and byte count.
+        for i in 0..MAX_MMSG as u64 {
+            if i >= ret as u64 {
+                break;
+            }
+            let mmsg = inflight.buf + i * MMSGHDR_SIZE;
+            let len: u32 = read_user(mmsg + MMSGHDR_LEN).unwrap_or(0);
+            let iov: u64 = read_user(mmsg + MSGHDR_IOV).unwrap_or(0);
+            let iovlen: u64 = read_user(mmsg + MSGHDR_IOVLEN).unwrap_or(0);
+            let source = Source::Iov(iov, iovlen);
+            emit_data(pid_tgid, &inflight, conn, dir, source, len as u64, now);
+        }
+        // Later messages are not captured, but their lengths keep the stream positions right.
+        for i in MAX_MMSG as u64..MMSG_SCAN {
+            if i >= ret as u64 {
+                break;
+            }
+            let len: u32 = read_user(inflight.buf + i * MMSGHDR_SIZE + MMSGHDR_LEN).unwrap_or(0);
+            unsafe { (*conn).pos[(dir & 1) as usize] += len as u64 };
+            count(counter::BYTES_NOT_CAPTURED, len as u64);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_sendfile64(ctx: TracePointContext) -> u32 {
+    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(&ctx, direction::EGRESS) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        emit_data(
+            pid_tgid,
+            &inflight,
+            conn,
+            direction::EGRESS,
+            Source::None,
+            ret as u64,
+            now,
+        );
+    }
+    0
+}
+
+macro_rules! exit_programs {
+    ($($name:ident => $f:ident($dir:expr)),* $(,)?) => {$(
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            $f(&ctx, $dir)
+        }
+    )*};
+}
+
+exit_programs! {
+    sys_exit_read => exit_buf(direction::INGRESS),
+    sys_exit_write => exit_buf(direction::EGRESS),
+    sys_exit_recvfrom => exit_buf(direction::INGRESS),
+    sys_exit_sendto => exit_buf(direction::EGRESS),
+    sys_exit_readv => exit_iov(direction::INGRESS),
+    sys_exit_writev => exit_iov(direction::EGRESS),
+    sys_exit_recvmsg => exit_msg(direction::INGRESS),
+    sys_exit_sendmsg => exit_msg(direction::EGRESS),
+    sys_exit_recvmmsg => exit_mmsg(direction::INGRESS),
+    sys_exit_sendmmsg => exit_mmsg(direction::EGRESS),
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
