@@ -77,6 +77,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS")]
     pub duration: Option<u64>,
 
+    /// Benchmarks only: attach a do-nothing program to the same tracepoints instead of the
+    /// real probes, to measure the cost floor. Captures nothing.
+    #[arg(long, hide = true)]
+    pub probe_floor: bool,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,

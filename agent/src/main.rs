@@ -69,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         pids: cli.pids.clone(),
         capture_limit: cli.capture_limit,
         ring_buffer_bytes: cli.ring_buffer_bytes,
+        floor: cli.probe_floor,
     })?;
     metrics.probes_attached.set(probes.attached as u64);
     metrics.set_ready(true, "all probes attached");

@@ -93,7 +93,7 @@ pub fn build_deps() -> anyhow::Result<()> {
             std::env::var("PATH").unwrap_or_default()
         );
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", "0.13.0", "--locked"])
+            .args(["install", "bpf-linker", "--version", "0.13.0"])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path))
