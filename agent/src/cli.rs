@@ -1,6 +1,6 @@
 //! Command line of `tracer-agent`. Every option documents itself here; clap turns the doc
 //! comments into `--help`.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, ValueEnum};
 use tracer_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
@@ -36,6 +36,26 @@ pub struct Cli {
         require_equals = true
     )]
     pub dump: Option<DumpFormat>,
+
+    /// Where spans go: `otlp` (an OpenTelemetry collector or backend), `console` (each trace
+    /// as an indented tree on stdout), `jsonl` (one OTLP/JSON request per line, see --output)
+    /// or `none`. Default: otlp when an endpoint is set (--otlp-endpoint or
+    /// OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT), else none with --dump, else console.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub exporter: Option<ExporterChoice>,
+
+    /// OTLP endpoint, e.g. http://127.0.0.1:4318 (http/protobuf; /v1/traces is added) or
+    /// http://127.0.0.1:4317 (grpc). Overrides OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP protocol. Overrides OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL; default http/protobuf.
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<ProtocolChoice>,
+
+    /// File for `--exporter jsonl` (appended to); default stdout.
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
 
     /// Bytes of each read or write shown by `--dump=text`.
     #[arg(long, value_name = "BYTES", default_value_t = 64)]
@@ -88,6 +108,21 @@ pub struct Cli {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExporterChoice {
+    Otlp,
+    Console,
+    Jsonl,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolChoice {
+    Grpc,
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DumpFormat {
     Text,
     Json,
@@ -133,6 +168,24 @@ mod tests {
         assert_eq!(cli.dump, Some(DumpFormat::Json));
         let cli = Cli::try_parse_from(["tracer-agent", "--all"]).unwrap();
         assert_eq!(cli.dump, None);
+    }
+
+    #[test]
+    fn exporter_options() {
+        let cli = Cli::try_parse_from([
+            "tracer-agent",
+            "--all",
+            "--exporter",
+            "otlp",
+            "--otlp-protocol",
+            "http/protobuf",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+        ])
+        .unwrap();
+        assert_eq!(cli.exporter, Some(ExporterChoice::Otlp));
+        assert_eq!(cli.otlp_protocol, Some(ProtocolChoice::HttpProtobuf));
+        assert!(Cli::try_parse_from(["tracer-agent", "--all", "--exporter", "zipkin"]).is_err());
     }
 
     #[test]

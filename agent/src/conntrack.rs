@@ -4,13 +4,16 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use log::debug;
 use tracer_common::{ConnEvent, Tuple, conn_flags, role};
 
-use crate::procfs_sockets::{self, RoleHint};
+use crate::{
+    procfs_sockets::{self, RoleHint},
+    resource::ProcessInfo,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -63,20 +66,19 @@ pub struct Connection {
 pub struct Process {
     /// Executable file name, e.g. `python3.11`.
     pub exe: String,
+    pub info: ProcessInfo,
+    /// Built on the first span of this process.
+    pub resource: OnceLock<Arc<opentelemetry_sdk::Resource>>,
 }
 
 impl Process {
     fn read(pid: u32) -> Self {
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .or_else(|| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .ok()
-                    .map(|c| c.trim().to_owned())
-            })
-            .unwrap_or_else(|| "?".to_owned());
-        Self { exe }
+        let info = ProcessInfo::read(pid);
+        Self {
+            exe: info.exe_name.clone(),
+            info,
+            resource: OnceLock::new(),
+        }
     }
 }
 
@@ -84,6 +86,12 @@ impl Process {
 pub struct ConnTable {
     conns: HashMap<u64, Connection>,
     processes: HashMap<u32, Arc<Process>>,
+    /// TCP sockets of the traced processes when the probes attached, by (pid, fd): the kernel
+    /// never saw these connections start, and /proc may no longer show them by the time their
+    /// first event is processed (a short exchange, then close).
+    preexisting: HashMap<(u32, i32), procfs_sockets::SocketInfo>,
+    /// The kernel's ephemeral port range, for guessing roles when nothing else tells.
+    ephemeral: Option<(u16, u16)>,
     /// Connections whose tuple neither the kernel nor /proc could tell.
     pub unresolved: u64,
 }
@@ -170,8 +178,52 @@ impl ConnTable {
         &self.conns[&conn_id]
     }
 
+    /// Records the TCP sockets that `pids` hold now (call right after the probes attach).
+    pub fn snapshot(&mut self, pids: &[u32]) {
+        for &pid in pids {
+            let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            let fds: Vec<i32> = entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            for (fd, info) in procfs_sockets::lookup_many(pid, &fds) {
+                if let Ok(info) = info {
+                    self.preexisting.insert((pid, fd), info);
+                }
+            }
+        }
+        self.ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+                Some((it.next()??, it.next()??))
+            });
+        debug!(
+            "{} TCP sockets existed before the probes attached",
+            self.preexisting.len()
+        );
+    }
+
     fn resolve(&mut self, conn: &mut Connection) {
-        match procfs_sockets::lookup(conn.pid, conn.fd) {
+        let found = match self.preexisting.remove(&(conn.pid, conn.fd)) {
+            Some(info) => Ok(info),
+            None => procfs_sockets::lookup(conn.pid, conn.fd),
+        };
+        if found.is_err()
+            && let (Some(local), Some(remote), Some((low, high))) =
+                (conn.local, conn.remote, self.ephemeral)
+            && conn.role == Role::Unknown
+        {
+            // Last resort: the side on an ephemeral port is the client.
+            let ephemeral = |port: u16| (low..=high).contains(&port);
+            conn.role = match (ephemeral(local.port()), ephemeral(remote.port())) {
+                (false, true) => Role::Server,
+                (true, false) => Role::Client,
+                _ => Role::Unknown,
+            };
+        }
+        match found {
             Ok(info) => {
                 if conn.local.is_none() {
                     conn.local = Some(unmap(info.local));
@@ -213,6 +265,7 @@ impl ConnTable {
     /// Forgets an exited process and its connections.
     pub fn exit(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        self.preexisting.retain(|(p, _), _| *p != pid);
         self.conns.retain(|_, c| c.pid != pid);
     }
 

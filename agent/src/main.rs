@@ -16,13 +16,42 @@ use tracer_common::counter;
 
 use tracer_agent::{
     capture::{self, KernelCounters, ProbeConfig, Probes},
-    cli::Cli,
+    cli::{Cli, ExporterChoice, ProtocolChoice},
     clock::Clock,
     dump::Dump,
+    export::{ExportConfig, Exporter, ExporterKind, OtlpProtocol},
     metrics::{self, KernelLoss, Metrics},
-    pipeline::Pipeline,
+    pipeline::{Pipeline, SpanStage},
+    resource::ResourceBuilder,
+    sample::Sampler,
+    spans::SpanFactory,
     streams::StreamLimits,
 };
+
+/// What `--exporter` and the environment select; None: spans are not built at all.
+fn exporter_kind(cli: &Cli) -> Option<ExporterKind> {
+    let otlp = || ExporterKind::Otlp {
+        protocol: cli.otlp_protocol.map(|p| match p {
+            ProtocolChoice::Grpc => OtlpProtocol::Grpc,
+            ProtocolChoice::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+        }),
+        endpoint: cli.otlp_endpoint.clone(),
+    };
+    match cli.exporter {
+        Some(ExporterChoice::Otlp) => Some(otlp()),
+        Some(ExporterChoice::Console) => Some(ExporterKind::Console),
+        Some(ExporterChoice::Jsonl) => Some(ExporterKind::Jsonl {
+            path: cli.output.clone(),
+        }),
+        Some(ExporterChoice::None) => None,
+        None if cli.otlp_endpoint.is_some() => Some(otlp()),
+        None => match ExporterKind::default_from_env() {
+            // The dump owns stdout unless spans are asked for explicitly.
+            ExporterKind::Console if cli.dump.is_some() => None,
+            kind => Some(kind),
+        },
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -63,6 +92,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         info!("metrics on http://{addr}/metrics, readiness on http://{addr}/readyz");
     }
 
+    // Exporter and sampler settings fail here, before any probe is loaded.
+    let sampler = Sampler::from_env(|key| std::env::var(key).ok())?;
+    let exporter = match exporter_kind(&cli) {
+        Some(kind) => {
+            let config = ExportConfig::from_env(kind)?;
+            Some(Exporter::start(config, metrics.clone())?)
+        }
+        None => None,
+    };
+
     capture::preflight()?;
     let mut probes = capture::load(&ProbeConfig {
         trace_all: cli.all,
@@ -88,7 +127,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_pending_total: cli.max_pending_total,
         ..StreamLimits::default()
     };
-    let mut pipeline = Pipeline::new(limits, dump);
+    let (exporter, spans) = match exporter {
+        Some((exporter, handle)) => (
+            Some(exporter),
+            Some(SpanStage {
+                factory: SpanFactory::new(clock, sampler),
+                resources: ResourceBuilder::from_env(),
+                export: handle,
+            }),
+        ),
+        None => (None, None),
+    };
+    let mut pipeline = Pipeline::new(limits, dump, spans);
+    pipeline.snapshot_sockets(&probes.targets);
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -144,6 +195,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let kernel = probes.counters();
     publish(&metrics, &probes, &pipeline, &kernel, cli.all);
     print_status(&pipeline, &kernel);
+    if let Some(exporter) = exporter {
+        exporter.shutdown(Duration::from_secs(5)).await;
+    }
     let _ = std::io::stdout().flush();
     Ok(())
 }

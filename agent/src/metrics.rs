@@ -12,7 +12,10 @@
 //! * `tracer_kernel_lost_events_total{reason}` and `tracer_userspace_lost_events_total{stage,reason}`
 //!   count events (records / syscalls);
 //! * `tracer_kernel_lost_bytes_total{reason}` and `tracer_userspace_lost_bytes_total{stage,reason}`
-//!   count payload bytes.
+//!   count payload bytes;
+//! * `tracer_spans_*` count spans, `tracer_export_batches_total` and `tracer_export_errors_total`
+//!   count export requests (one per process in a batch, see `export`), and
+//!   `tracer_export_queue_length` is in spans.
 //!
 //! Every label combination the agent can produce is created up front, so a scrape shows an
 //! explicit `0` ("nothing lost") rather than an absent series.
@@ -20,7 +23,7 @@
 use std::convert::Infallible;
 use std::hash::Hash;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -180,6 +183,70 @@ impl EncodeLabelSet for UserspaceByteLoss {
     }
 }
 
+/// Why a finished span never reached the exporter's destination; the `reason` label of
+/// `tracer_spans_dropped_total`. Counted in spans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SpanDrop {
+    /// The export queue was full (the collector is slow or away).
+    QueueFull,
+    /// The destination refused the spans, or kept failing until the retry budget ran out.
+    ExportFailed,
+    /// The agent stopped before the spans could be sent.
+    Shutdown,
+    /// The sampler decided not to keep the span.
+    SampledOut,
+}
+
+impl SpanDrop {
+    /// Every reason, to pre-create the series.
+    pub const ALL: [Self; 4] = [
+        Self::QueueFull,
+        Self::ExportFailed,
+        Self::Shutdown,
+        Self::SampledOut,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ExportFailed => "export_failed",
+            Self::Shutdown => "shutdown",
+            Self::SampledOut => "sampled_out",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::QueueFull => 0,
+            Self::ExportFailed => 1,
+            Self::Shutdown => 2,
+            Self::SampledOut => 3,
+        }
+    }
+
+    /// What the one-time log line says about this reason.
+    fn explanation(self) -> &'static str {
+        match self {
+            Self::QueueFull => {
+                "the export queue is full (collector slow or unreachable); raise \
+                 OTEL_BSP_MAX_QUEUE_SIZE or check the collector"
+            }
+            Self::ExportFailed => {
+                "the destination refused them or stayed unreachable past the retry budget"
+            }
+            Self::Shutdown => "the agent stopped before they could be sent",
+            Self::SampledOut => "the sampler did not keep them (expected with sampling on)",
+        }
+    }
+}
+
+impl EncodeLabelSet for SpanDrop {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        [("reason", self.as_str())].encode(encoder)
+    }
+}
+
 #[derive(Debug)]
 struct Readiness {
     ready: bool,
@@ -205,12 +272,29 @@ pub struct Metrics {
     pub probes_attached: CountGauge,
     /// `tracer_stream_pending_bytes`: bytes held in reassembly buffers.
     pub stream_pending_bytes: CountGauge,
+    /// `tracer_spans_created_total`: spans the pipeline built (before sampling).
+    pub spans_created: Counter,
+    /// `tracer_spans_exported_total`: spans the destination accepted.
+    pub spans_exported: Counter,
+    /// `tracer_export_errors_total`: failed export attempts (each retry counts).
+    pub export_errors: Counter,
+    /// `tracer_export_batches_total`: export requests that succeeded.
+    pub export_batches: Counter,
+    /// `tracer_export_queue_length`: spans held by the exporter (queued or being sent).
+    pub export_queue_length: CountGauge,
+    spans_dropped: Family<SpanDrop, Counter>,
+    /// Whether a drop of each [`SpanDrop`] reason was logged already (index: `SpanDrop::index`).
+    span_drop_logged: [AtomicBool; SpanDrop::ALL.len()],
     kernel_lost_events: Family<KernelLoss, Counter>,
     kernel_lost_bytes: Family<KernelLoss, Counter>,
     userspace_lost_events: Family<UserspaceEventLoss, Counter>,
     userspace_lost_bytes: Family<UserspaceByteLoss, Counter>,
+    parse_errors: Family<ParseLabels, Counter>,
     readiness: Mutex<Readiness>,
 }
+
+/// `{parser, reason}` of `tracer_parse_errors_total`; both come from fixed sets of names.
+pub type ParseLabels = [(&'static str, &'static str); 2];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -273,6 +357,17 @@ impl Metrics {
              reassembly buffer was full; streams/duplicate: bytes seen twice, copy discarded)",
             userspace_lost_bytes.clone(),
         );
+        let parse_errors = Family::<ParseLabels, Counter>::default();
+        for reason in crate::http1::Http1Error::ALL {
+            let _ = parse_errors.get_or_create(&[("parser", "http1"), ("reason", reason.as_str())]);
+        }
+        registry.register(
+            "parse_errors",
+            "Messages or headers the agent could not use, by parser and reason (http1: an \
+             HTTP/1 message dropped or cut short; tracecontext: a traceparent/tracestate/b3 \
+             header that was invalid, so the request started a new trace)",
+            parse_errors.clone(),
+        );
 
         let connections_tracked = CountGauge::default();
         registry.register(
@@ -299,6 +394,45 @@ impl Metrics {
             stream_pending_bytes.clone(),
         );
 
+        let spans_created = Counter::default();
+        registry.register(
+            "spans_created",
+            "Spans the pipeline built, before sampling",
+            spans_created.clone(),
+        );
+        let spans_exported = Counter::default();
+        registry.register(
+            "spans_exported",
+            "Spans the export destination accepted",
+            spans_exported.clone(),
+        );
+        let spans_dropped = precreated(SpanDrop::ALL);
+        registry.register(
+            "spans_dropped",
+            "Spans that were never delivered, by reason (queue_full: export queue full; \
+             export_failed: refused or retried until the budget ran out; shutdown: still queued \
+             when the agent stopped; sampled_out: not kept by the sampler)",
+            spans_dropped.clone(),
+        );
+        let export_errors = Counter::default();
+        registry.register(
+            "export_errors",
+            "Export attempts that failed (each retry counts)",
+            export_errors.clone(),
+        );
+        let export_batches = Counter::default();
+        registry.register(
+            "export_batches",
+            "Export requests that succeeded (one per traced process in a batch)",
+            export_batches.clone(),
+        );
+        let export_queue_length = CountGauge::default();
+        registry.register(
+            "export_queue_length",
+            "Spans held by the exporter: queued, or being sent and retried",
+            export_queue_length.clone(),
+        );
+
         Self {
             registry,
             events_received,
@@ -312,6 +446,14 @@ impl Metrics {
             kernel_lost_bytes,
             userspace_lost_events,
             userspace_lost_bytes,
+            spans_created,
+            spans_exported,
+            export_errors,
+            export_batches,
+            export_queue_length,
+            spans_dropped,
+            span_drop_logged: Default::default(),
+            parse_errors,
             readiness: Mutex::new(Readiness {
                 ready: false,
                 reason: "starting: probes not attached yet".to_owned(),
@@ -338,6 +480,42 @@ impl Metrics {
     /// `tracer_userspace_lost_bytes_total{stage,reason}`, in bytes.
     pub fn userspace_lost_bytes(&self, loss: UserspaceByteLoss) -> Counter {
         self.userspace_lost_bytes.get_or_create_owned(&loss)
+    }
+
+    /// `tracer_spans_dropped_total{reason}`, in spans. Prefer [`Self::drop_spans`], which also
+    /// logs the first drop of each reason.
+    /// `tracer_parse_errors_total{parser, reason}`.
+    pub fn parse_errors(&self, parser: &'static str, reason: &'static str) -> Counter {
+        self.parse_errors
+            .get_or_create(&[("parser", parser), ("reason", reason)])
+            .clone()
+    }
+
+    pub fn spans_dropped(&self, reason: SpanDrop) -> Counter {
+        self.spans_dropped.get_or_create_owned(&reason)
+    }
+
+    /// Counts `count` spans dropped for `reason`; the first drop of each reason is logged (as a
+    /// warning, except `sampled_out`, which is by design), later ones only counted.
+    pub fn drop_spans(&self, reason: SpanDrop, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.spans_dropped(reason).inc_by(count);
+        if !self.span_drop_logged[reason.index()].swap(true, Ordering::Relaxed) {
+            let level = match reason {
+                SpanDrop::SampledOut => log::Level::Info,
+                _ => log::Level::Warn,
+            };
+            log::log!(
+                level,
+                "dropping spans ({}): {}; counted in tracer_spans_dropped_total{{reason=\"{}\"}}, \
+                 logged only once",
+                reason.as_str(),
+                reason.explanation(),
+                reason.as_str()
+            );
+        }
     }
 
     /// Raises `counter` to `total`, an absolute total read elsewhere (e.g. per-CPU kernel
@@ -558,6 +736,35 @@ mod tests {
         "tracer_probes_attached",
         "tracer_stream_pending_bytes",
     ];
+
+    #[test]
+    fn span_families_are_zero_at_start_and_drops_count() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        for series in [
+            "tracer_spans_created_total 0\n",
+            "tracer_spans_exported_total 0\n",
+            "tracer_spans_dropped_total{reason=\"queue_full\"} 0\n",
+            "tracer_spans_dropped_total{reason=\"export_failed\"} 0\n",
+            "tracer_spans_dropped_total{reason=\"shutdown\"} 0\n",
+            "tracer_spans_dropped_total{reason=\"sampled_out\"} 0\n",
+            "tracer_export_errors_total 0\n",
+            "tracer_export_batches_total 0\n",
+            "tracer_export_queue_length 0\n",
+        ] {
+            assert!(text.contains(series), "missing {series:?} in\n{text}");
+        }
+        metrics.drop_spans(SpanDrop::QueueFull, 3);
+        metrics.drop_spans(SpanDrop::QueueFull, 2);
+        metrics.drop_spans(SpanDrop::Shutdown, 0);
+        assert_eq!(metrics.spans_dropped(SpanDrop::QueueFull).get(), 5);
+        assert_eq!(metrics.spans_dropped(SpanDrop::Shutdown).get(), 0);
+        assert!(
+            metrics
+                .encode()
+                .contains("tracer_spans_dropped_total{reason=\"queue_full\"} 5\n")
+        );
+    }
 
     #[test]
     fn every_family_is_zero_at_start() {

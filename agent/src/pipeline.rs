@@ -1,27 +1,46 @@
 //! Runs the userspace stages in order on each ring buffer record:
-//! decode -> assemble syscalls -> conntrack -> streams -> sinks (dump). Single-threaded and
-//! synchronous: one record goes all the way through before the next, so no stage needs locks.
-use std::io::Write;
+//! decode -> assemble syscalls -> conntrack -> streams -> protocols -> spans -> export (and the
+//! dump). Single-threaded and synchronous: one record goes all the way through before the
+//! next, so no stage needs locks; export queues without waiting.
+use std::{collections::HashMap, io::Write, sync::Arc};
 
 use log::warn;
+use opentelemetry::trace::SpanKind;
 
 use crate::{
     capture::{
         assemble::{Assembler, Syscall},
         decode::{RawEvent, decode},
     },
-    conntrack::ConnTable,
+    conntrack::{ConnTable, Role},
     dump::Dump,
-    metrics::{Metrics, UserspaceByteLoss, UserspaceEventLoss},
+    export::{ExportHandle, ExportItem},
+    http1::Exchange,
+    metrics::{Metrics, SpanDrop, UserspaceByteLoss, UserspaceEventLoss},
+    protocols::Protocols,
+    resource::ResourceBuilder,
+    spans::SpanFactory,
     streams::{Segment, StreamLimits, Streams},
 };
 
 /// Userspace losses, each logged once and counted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PipelineStats {
     pub events: u64,
     pub decode_errors: u64,
     pub dump_errors: u64,
+    pub spans_created: u64,
+    pub spans_sampled_out: u64,
+    pub spans_queue_full: u64,
+    /// Requests whose trace context header was present but invalid, by reason.
+    pub bad_context: HashMap<&'static str, u64>,
+}
+
+/// Where spans go, and what builds them.
+pub struct SpanStage {
+    pub factory: SpanFactory,
+    pub resources: ResourceBuilder,
+    pub export: ExportHandle,
 }
 
 pub struct Pipeline<W: Write> {
@@ -29,22 +48,33 @@ pub struct Pipeline<W: Write> {
     assembler: Assembler,
     streams: Streams,
     dump: Option<Dump<W>>,
+    protocols: Protocols,
+    spans: Option<SpanStage>,
     records: Vec<Syscall>,
     segments: Vec<Segment>,
+    exchanges: Vec<Exchange>,
     pub stats: PipelineStats,
 }
 
 impl<W: Write> Pipeline<W> {
-    pub fn new(limits: StreamLimits, dump: Option<Dump<W>>) -> Self {
+    pub fn new(limits: StreamLimits, dump: Option<Dump<W>>, spans: Option<SpanStage>) -> Self {
         Self {
             conns: ConnTable::default(),
             assembler: Assembler::default(),
             streams: Streams::new(limits),
             dump,
+            protocols: Protocols::default(),
+            spans,
             records: Vec::new(),
             segments: Vec::new(),
+            exchanges: Vec::new(),
             stats: PipelineStats::default(),
         }
+    }
+
+    /// Records the sockets the traced processes already hold (see `ConnTable::snapshot`).
+    pub fn snapshot_sockets(&mut self, pids: &[u32]) {
+        self.conns.snapshot(pids);
     }
 
     /// Processes one ring buffer record.
@@ -78,6 +108,8 @@ impl<W: Write> Pipeline<W> {
                 self.drain_records();
                 self.streams.close(id, &mut self.segments);
                 self.drain_segments();
+                self.protocols.close(id, &mut self.exchanges);
+                self.drain_exchanges();
                 if let Some(conn) = self.conns.close(id)
                     && let Some(dump) = self.dump.as_mut()
                 {
@@ -96,6 +128,8 @@ impl<W: Write> Pipeline<W> {
                     self.drain_records();
                     self.streams.close(id, &mut self.segments);
                     self.drain_segments();
+                    self.protocols.close(id, &mut self.exchanges);
+                    self.drain_exchanges();
                 }
                 self.conns.exit(header.pid);
                 if let Some(dump) = self.dump.as_mut() {
@@ -123,17 +157,70 @@ impl<W: Write> Pipeline<W> {
         self.drain_segments();
     }
 
-    /// Hands reassembled bytes to the protocol stages (later issues); shows gaps in the dump.
+    /// Hands reassembled bytes to the protocol stage; shows gaps in the dump.
     fn drain_segments(&mut self) {
-        for segment in self.segments.drain(..) {
-            if segment.gap_before == 0 {
+        let mut segments = std::mem::take(&mut self.segments);
+        for segment in segments.drain(..) {
+            let Some(conn) = self.conns.get(segment.conn_id) else {
                 continue;
-            }
-            if let Some(dump) = self.dump.as_mut()
-                && let Some(conn) = self.conns.get(segment.conn_id)
+            };
+            if segment.gap_before > 0
+                && let Some(dump) = self.dump.as_mut()
             {
                 let result = dump.gap(conn, segment.direction, segment.pos, segment.gap_before);
                 self.stats.dump_errors += u64::from(result.is_err());
+            }
+            if self.spans.is_some() {
+                self.protocols.push(segment, conn.role, &mut self.exchanges);
+            }
+        }
+        self.segments = segments;
+        self.drain_exchanges();
+    }
+
+    /// Turns finished exchanges into spans and queues them for export.
+    fn drain_exchanges(&mut self) {
+        let Some(stage) = self.spans.as_mut() else {
+            self.exchanges.clear();
+            return;
+        };
+        for exchange in self.exchanges.drain(..) {
+            let Some(conn) = self.conns.get(exchange.conn_id) else {
+                continue;
+            };
+            let kind = match conn.role {
+                Role::Client => SpanKind::Client,
+                // The parser found requests in the read direction when the role was unknown.
+                Role::Server | Role::Unknown => SpanKind::Server,
+            };
+            let built = stage.factory.http1(&exchange, conn, kind);
+            self.stats.spans_created += 1;
+            if let Some(err) = built.context_error {
+                let count = self.stats.bad_context.entry(err.label()).or_default();
+                if *count == 0 {
+                    warn!(
+                        "a request carried an invalid trace context header ({err}); it starts a \
+                         new trace. Counting further ones in tracer_parse_errors_total"
+                    );
+                }
+                *count += 1;
+            }
+            if !built.sampled {
+                self.stats.spans_sampled_out += 1;
+                continue;
+            }
+            let process = &conn.process;
+            let resource = process
+                .resource
+                .get_or_init(|| stage.resources.build(&process.info))
+                .clone();
+            let item = ExportItem {
+                resource_id: u64::from(conn.pid) << 32 | (process.info.start_ticks & 0xffff_ffff),
+                resource: Arc::clone(&resource),
+                span: built.span,
+            };
+            if !stage.export.submit(item) {
+                self.stats.spans_queue_full += 1;
             }
         }
     }
@@ -174,6 +261,17 @@ impl<W: Write> Pipeline<W> {
             (UserspaceByteLoss::StreamDuplicate, streams.duplicate_bytes),
         ] {
             metrics.observe_total(&metrics.userspace_lost_bytes(loss), total);
+        }
+        metrics.observe_total(&metrics.spans_created, self.stats.spans_created);
+        metrics.observe_total(
+            &metrics.spans_dropped(SpanDrop::SampledOut),
+            self.stats.spans_sampled_out,
+        );
+        for (reason, total) in &self.stats.bad_context {
+            metrics.observe_total(&metrics.parse_errors("tracecontext", reason), *total);
+        }
+        for (error, total) in &self.protocols.stats.http1_errors {
+            metrics.observe_total(&metrics.parse_errors("http1", error.as_str()), *total);
         }
         metrics.connections_tracked.set(self.conns.len() as u64);
         metrics

@@ -86,6 +86,9 @@ pub struct Probes {
     counters: PerCpuArray<MapData, u64>,
     traced: BpfHashMap<MapData, u32, u32>,
     pub attached: usize,
+    /// Processes traced from the start: the --pid targets and their children, or with --all
+    /// every process but the agent.
+    pub targets: Vec<u32>,
 }
 
 /// Kernel-side counters, summed over CPUs. Indexes: `tracer_common::counter`.
@@ -260,7 +263,17 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
             format!("{} process(es): {:?}", targets.len(), targets)
         }
     );
+    if config.trace_all {
+        targets = procfs::process::all_processes()
+            .map(|all| {
+                all.filter_map(|p| p.ok().map(|p| p.pid as u32))
+                    .filter(|&pid| pid != agent_tgid)
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
     Ok(Probes {
+        targets,
         _ebpf: ebpf,
         logger,
         events: register(events).map_err(CaptureError::Poll)?,

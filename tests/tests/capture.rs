@@ -1,0 +1,767 @@
+//! What the agent captures from real processes over real loopback sockets: bytes, tuples, roles.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+use tracer_e2e::{
+    Agent, Checks, Events, Peer, STEP_TIMEOUT, TempDir, assert_stream, assert_tuple, data_summary,
+    hex, stream_problem, tuple_problem, wait_for_listen,
+};
+
+/// A server that accepts one connection and plays rounds: read the client's message i (known
+/// length), check it, send its own message i. Args: family (4|6), bind host, client messages,
+/// server messages (hex, comma-separated), rounds before which to wait for a stdin line (-1:
+/// before accept, the number of rounds: before close).
+const ROUNDS_SERVER: &str = r#"
+fam = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+host = sys.argv[2]
+cmsgs = [bytes.fromhex(m) for m in sys.argv[3].split(",")]
+smsgs = [bytes.fromhex(m) for m in sys.argv[4].split(",")]
+pauses = {int(r) for r in sys.argv[5].split(",") if r}
+ls = socket.socket(fam, socket.SOCK_STREAM)
+if fam == socket.AF_INET6:
+    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+ls.bind((host, 0))
+ls.listen(1)
+say("port", ls.getsockname()[1])
+if -1 in pauses:
+    wait()
+conn, peer = ls.accept()
+say("accepted", peer[1])
+for i, (c, s) in enumerate(zip(cmsgs, smsgs)):
+    if i in pauses:
+        wait()
+    got = recv_exact(conn, len(c))
+    if got != c:
+        sys.exit(f"server round {i}: got {got!r}, expected {c!r}")
+    conn.sendall(s)
+    say("round", i)
+if len(cmsgs) in pauses:
+    wait()
+conn.close()
+say("done")
+"#;
+
+/// The other side of [`ROUNDS_SERVER`]. Args: family, host, port, client messages, server
+/// messages, pauses (-1: before connect, the number of rounds: before close).
+const ROUNDS_CLIENT: &str = r#"
+fam = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+host, port = sys.argv[2], int(sys.argv[3])
+cmsgs = [bytes.fromhex(m) for m in sys.argv[4].split(",")]
+smsgs = [bytes.fromhex(m) for m in sys.argv[5].split(",")]
+pauses = {int(r) for r in sys.argv[6].split(",") if r}
+if -1 in pauses:
+    wait()
+c = socket.socket(fam, socket.SOCK_STREAM)
+c.connect((host, port))
+say("local", c.getsockname()[1])
+for i, (cm, sm) in enumerate(zip(cmsgs, smsgs)):
+    if i in pauses:
+        wait()
+    c.sendall(cm)
+    got = recv_exact(c, len(sm))
+    if got != sm:
+        sys.exit(f"client round {i}: got {got!r}, expected {sm!r}")
+    say("round", i)
+if len(cmsgs) in pauses:
+    wait()
+c.close()
+say("done")
+"#;
+
+fn hex_list(messages: &[&[u8]]) -> String {
+    messages
+        .iter()
+        .map(|m| hex(m))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+struct Exchange {
+    server: Peer,
+    client: Peer,
+    port: u16,
+}
+
+impl Exchange {
+    /// Starts both peers (not yet exchanging): the server listening on (`server_host`, 0), the
+    /// client waiting to connect to (`client_host`, port).
+    fn new(
+        (server_family, server_host): (&str, &str),
+        (client_family, client_host): (&str, &str),
+        client_msgs: &[&[u8]],
+        server_msgs: &[&[u8]],
+        pauses: &str,
+    ) -> Self {
+        let (cm, sm) = (hex_list(client_msgs), hex_list(server_msgs));
+        let mut server = Peer::python(
+            "server",
+            ROUNDS_SERVER,
+            &[server_family, server_host, &cm, &sm, pauses],
+        );
+        let port: u16 = server.expect_num("port");
+        let client = Peer::python(
+            "client",
+            ROUNDS_CLIENT,
+            &[
+                client_family,
+                client_host,
+                &port.to_string(),
+                &cm,
+                &sm,
+                pauses,
+            ],
+        );
+        Self {
+            server,
+            client,
+            port,
+        }
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--pid".into(),
+            self.server.pid().to_string(),
+            "--pid".into(),
+            self.client.pid().to_string(),
+        ]
+    }
+}
+
+fn start_agent(args: &[String]) -> Agent {
+    Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Runs a full exchange of `client_msgs`/`server_msgs` with both peers traced from before they
+/// connect; returns the stopped agent's dump and (server pid, client pid, port, client port).
+fn traced_exchange(
+    server: (&str, &str),
+    client: (&str, &str),
+    client_msgs: &[&[u8]],
+    server_msgs: &[&[u8]],
+) -> (Agent, Events, u32, u32, u16, u16) {
+    let mut ex = Exchange::new(server, client, client_msgs, server_msgs, "-1");
+    let mut agent = start_agent(&ex.agent_args());
+    ex.server.send("go");
+    ex.client.send("go");
+    let client_port: u16 = ex.client.expect_num("local");
+    ex.client.expect("done");
+    ex.server.expect("done");
+    ex.client.finish();
+    ex.server.finish();
+    agent.stop_ok();
+    let events = agent.events();
+    let (spid, cpid) = (ex.server.pid(), ex.client.pid());
+    (agent, events, spid, cpid, ex.port, client_port)
+}
+
+const CLIENT_MSGS: [&[u8]; 3] = [
+    b"client hello\n",
+    // Not UTF-8, with NULs and every high byte.
+    b"\x00\xff\xfe\x80\xc3\x28 binary \x00\x01\x02\x03\xf0\x9f\x92",
+    b"third client message, longer: 0123456789abcdefghijklmnopqrstuvwxyz0123456789",
+];
+const SERVER_MSGS: [&[u8]; 3] = [
+    b"server reply one\r\n",
+    b"\xde\xad\xbe\xef\x00\x00\xff\x7f\x80",
+    b"server bye\n",
+];
+
+fn concat(messages: &[&[u8]]) -> Vec<u8> {
+    messages.concat()
+}
+
+/// Checks both sides of a traced exchange: one connection each, tuple and role right, and the
+/// four byte streams exactly what was sent.
+fn assert_exchange(
+    events: &Events,
+    (server_pid, client_pid): (u32, u32),
+    (server_local, server_remote): (&str, &str),
+    client_msgs: &[&[u8]],
+    server_msgs: &[&[u8]],
+) {
+    let (sent_by_client, sent_by_server) = (concat(client_msgs), concat(server_msgs));
+    let server = events.conn_of(server_pid, "the accepted connection", |_| true);
+    let client = events.conn_of(client_pid, "the connected socket", |_| true);
+    let mut checks = Checks::default();
+    checks.add(tuple_problem(server, "server", server_local, server_remote));
+    checks.add(stream_problem(events, server.conn, "read", &sent_by_client));
+    checks.add(stream_problem(
+        events,
+        server.conn,
+        "write",
+        &sent_by_server,
+    ));
+    checks.add(tuple_problem(client, "client", server_remote, server_local));
+    checks.add(stream_problem(
+        events,
+        client.conn,
+        "write",
+        &sent_by_client,
+    ));
+    checks.add(stream_problem(events, client.conn, "read", &sent_by_server));
+    checks.finish(&format!(
+        "--- server conn ---\n{}\n--- client conn ---\n{}",
+        events.lines_of(server.conn),
+        events.lines_of(client.conn)
+    ));
+}
+
+#[test]
+fn tcp_exchange_is_captured_byte_for_byte_on_both_sides() {
+    let (_agent, events, spid, cpid, port, cport) = traced_exchange(
+        ("4", "127.0.0.1"),
+        ("4", "127.0.0.1"),
+        &CLIENT_MSGS,
+        &SERVER_MSGS,
+    );
+    assert_exchange(
+        &events,
+        (spid, cpid),
+        (&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{cport}")),
+        &CLIENT_MSGS,
+        &SERVER_MSGS,
+    );
+    // Each message is one sendall, and these are small: one data event per message.
+    let client = events.conn_of(cpid, "the connected socket", |_| true);
+    let writes = events.data_of(client.conn, "write");
+    assert_eq!(
+        writes.iter().map(|d| d.data.as_slice()).collect::<Vec<_>>(),
+        CLIENT_MSGS.to_vec(),
+        "one write event per client message\n{}",
+        events.lines_of(client.conn)
+    );
+    assert!(
+        writes.iter().all(|d| d.pid == cpid && d.tid == cpid),
+        "writes not attributed to the client's pid/tid {cpid}\n{}",
+        events.lines_of(client.conn)
+    );
+}
+
+#[test]
+fn ipv6_loopback_addresses_print_as_ipv6() {
+    let (_agent, events, spid, cpid, port, cport) =
+        traced_exchange(("6", "::1"), ("6", "::1"), &CLIENT_MSGS, &SERVER_MSGS);
+    assert_exchange(
+        &events,
+        (spid, cpid),
+        (&format!("[::1]:{port}"), &format!("[::1]:{cport}")),
+        &CLIENT_MSGS,
+        &SERVER_MSGS,
+    );
+}
+
+#[test]
+fn ipv4_client_of_dual_stack_server_prints_as_ipv4() {
+    let (_agent, events, spid, cpid, port, cport) =
+        traced_exchange(("6", "::"), ("4", "127.0.0.1"), &CLIENT_MSGS, &SERVER_MSGS);
+    assert_exchange(
+        &events,
+        (spid, cpid),
+        (&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{cport}")),
+        &CLIENT_MSGS,
+        &SERVER_MSGS,
+    );
+}
+
+#[test]
+fn keep_alive_connection_opened_before_the_agent() {
+    keep_alive_exchange(true);
+}
+
+/// The same, but both sides close and exit right after the later exchange, as a client making
+/// its last request on a pooled connection does: what the agent reports must not depend on
+/// the connection still being open when it gets to it.
+#[test]
+fn keep_alive_connection_opened_before_the_agent_then_closed() {
+    keep_alive_exchange(false);
+}
+
+fn keep_alive_exchange(hold_open: bool) {
+    let before: [&[u8]; 2] = [b"request before the agent\n", b"reply before the agent\n"];
+    let after: [&[u8]; 2] = [
+        b"request after the agent started \x00\xff\x10\n",
+        b"reply after the agent started \xfe\x01\n",
+    ];
+    // Round 0 runs at once; both sides then wait (not blocked in a read) until told to go on,
+    // and with `hold_open` keep the connection open after round 1 until the agent reported it.
+    let mut ex = Exchange::new(
+        ("4", "127.0.0.1"),
+        ("4", "127.0.0.1"),
+        &[before[0], after[0]],
+        &[before[1], after[1]],
+        if hold_open { "1,2" } else { "1" },
+    );
+    let client_port: u16 = ex.client.expect_num("local");
+    assert_eq!(ex.client.expect("round"), "0");
+    assert_eq!(ex.server.expect("round"), "0");
+
+    let mut agent = start_agent(&ex.agent_args());
+    ex.server.send("go");
+    ex.client.send("go");
+    assert_eq!(ex.client.expect("round"), "1");
+    assert_eq!(ex.server.expect("round"), "1");
+    let (spid, cpid) = (ex.server.pid(), ex.client.pid());
+    if hold_open {
+        agent.wait_events("both sides' reads of round 1", STEP_TIMEOUT, |events| {
+            [(spid, after[0]), (cpid, after[1])]
+                .iter()
+                .all(|(pid, bytes)| {
+                    events
+                        .data
+                        .iter()
+                        .any(|d| d.pid == *pid && d.direction == "read" && d.data.ends_with(bytes))
+                })
+        });
+        ex.server.send("go");
+        ex.client.send("go");
+    }
+    ex.client.expect("done");
+    ex.server.expect("done");
+    ex.client.finish();
+    ex.server.finish();
+    agent.stop_ok();
+    let events = agent.events();
+
+    let (server_addr, client_addr) = (
+        format!("127.0.0.1:{}", ex.port),
+        format!("127.0.0.1:{client_port}"),
+    );
+    let mut checks = Checks::default();
+    let mut context = String::new();
+    for (pid, role, local, remote, wrote, read) in [
+        (
+            spid,
+            "server",
+            &server_addr,
+            &client_addr,
+            after[1],
+            after[0],
+        ),
+        (
+            cpid,
+            "client",
+            &client_addr,
+            &server_addr,
+            after[0],
+            after[1],
+        ),
+    ] {
+        let open = events.conn_of(pid, "the pre-existing connection", |_| true);
+        context += &format!("--- {role} conn ---\n{}\n", events.lines_of(open.conn));
+        checks.add(tuple_problem(open, role, local, remote));
+        checks.add(
+            (!["kernel", "procfs"].contains(&open.tuple_source.as_str())).then(|| {
+                format!(
+                    "{role}: tuple_source should be kernel or procfs: {}",
+                    open.line
+                )
+            }),
+        );
+        // Where positions start for a connection older than the agent is the agent's choice;
+        // the bytes seen from there on must be exactly the later exchange.
+        for (direction, expected) in [("write", wrote), ("read", read)] {
+            checks.add(match events.stream(open.conn, direction) {
+                Err(err) => Some(err),
+                Ok(stream) if stream.bytes == expected => None,
+                Ok(stream) => Some(format!(
+                    "{role} {direction}: expected {}, got {} (from pos {})",
+                    hex(expected),
+                    hex(&stream.bytes),
+                    stream.start
+                )),
+            });
+        }
+    }
+    checks.finish(&context);
+}
+
+#[test]
+fn forked_child_of_traced_server_is_traced() {
+    // The parent accepts, the child (forked after the agent started) serves the connection.
+    const FORKING_SERVER: &str = r#"
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(4)
+say("port", ls.getsockname()[1])
+conn, peer = ls.accept()
+child = os.fork()
+if child == 0:
+    ls.close()
+    req = recv_exact(conn, int(sys.argv[1]))
+    conn.sendall(b"reply from child " + str(os.getpid()).encode() + b" to " + req)
+    conn.close()
+    os._exit(0)
+conn.close()
+say("child", child)
+_, status = os.waitpid(child, 0)
+say("done", status)
+"#;
+    let request: &[u8] = b"request to the forking server \x00\xff\n";
+    let mut server = Peer::python(
+        "forking server",
+        FORKING_SERVER,
+        &[&request.len().to_string()],
+    );
+    let port: u16 = server.expect_num("port");
+    let parent = server.pid();
+    let mut agent = Agent::start(&["--pid", &parent.to_string()]);
+
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to forking server");
+    stream.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let client_port = stream.local_addr().unwrap().port();
+    let child: u32 = server.expect_num("child");
+    stream.write_all(request).expect("send request");
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).expect("read reply");
+    let expected_reply = [format!("reply from child {child} to ").as_bytes(), request].concat();
+    assert_eq!(reply, expected_reply, "the peer itself misbehaved");
+    assert_eq!(server.expect("done"), "0");
+    server.finish();
+    agent.stop_ok();
+    let events = agent.events();
+
+    let mut conns: Vec<u64> = events
+        .data
+        .iter()
+        .filter(|d| d.pid == child)
+        .map(|d| d.conn)
+        .collect();
+    conns.sort_unstable();
+    conns.dedup();
+    assert!(
+        conns.len() == 1,
+        "expected the child's (pid {child}) reads and writes on one connection, got conns \
+         {conns:?}\n--- parent {parent} ---\n{}\n--- child {child} ---\n{}\n{}",
+        events.lines_of_pid(parent),
+        events.lines_of_pid(child),
+        data_summary(&events)
+    );
+    let conn = conns[0];
+    let open = events
+        .open(conn)
+        .unwrap_or_else(|| panic!("no open event for conn {conn}\n{}", events.lines_of(conn)));
+    assert_tuple(
+        open,
+        "server",
+        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{client_port}"),
+    );
+    assert_stream(&events, conn, "read", request);
+    assert_stream(&events, conn, "write", &expected_reply);
+    let others: Vec<_> = events
+        .data
+        .iter()
+        .filter(|d| d.conn == conn && d.pid != child)
+        .map(|d| d.line.as_str())
+        .collect();
+    assert!(
+        others.is_empty(),
+        "only the child (pid {child}) read or wrote this connection, yet:\n{}",
+        others.join("\n")
+    );
+}
+
+#[test]
+fn curl_against_python_http_server() {
+    let dir = TempDir::new("www");
+    let body = "hello from the e2e test\n";
+    std::fs::write(dir.path().join("hello.txt"), body).unwrap();
+    let mut cmd = Command::new(tracer_e2e::python());
+    cmd.args([
+        "-u",
+        "-m",
+        "http.server",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+    ])
+    .arg(dir.path());
+    let mut server = Peer::spawn("http.server", cmd);
+    // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+    let serving = server.expect("Serving HTTP on");
+    let port: u16 = serving
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected http.server banner {serving:?}"));
+    wait_for_listen(port);
+
+    // A shell that execs curl when told: the pid exists before the agent starts, so it can be
+    // named with --pid, and stays the same through exec.
+    let url = format!("http://127.0.0.1:{port}/hello.txt");
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "read go && exec curl -sS --max-time 10 -w '\\nlocal_port %{local_port}\\n' \"$0\"",
+        url.as_str(),
+    ]);
+    let mut curl = Peer::spawn("curl", cmd);
+    let mut agent = Agent::start(&[
+        "--pid",
+        &server.pid().to_string(),
+        "--pid",
+        &curl.pid().to_string(),
+    ]);
+    curl.send("go");
+    assert_eq!(curl.line(), body.trim_end(), "curl's output");
+    let client_port: u16 = curl.expect_num("local_port");
+    curl.finish();
+    // The server handles the request in a thread; wait until its reply is in the dump.
+    let spid = server.pid();
+    agent.wait_events("the server's reply", STEP_TIMEOUT, |events| {
+        events
+            .data
+            .iter()
+            .any(|d| d.pid == spid && d.direction == "write" && d.data.ends_with(body.as_bytes()))
+    });
+    agent.stop_ok();
+    let events = agent.events();
+
+    let srv = events.conn_of(spid, "the accepted connection", |_| true);
+    let cli = events.conn_of(curl.pid(), "curl's connection", |_| true);
+    let (server_addr, client_addr) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{client_port}"),
+    );
+    assert_tuple(srv, "server", &server_addr, &client_addr);
+    assert_tuple(cli, "client", &client_addr, &server_addr);
+    assert_eq!(cli.exe, "curl", "exe after exec: {}", cli.line);
+
+    let stream = |conn: u64, direction: &str| {
+        events
+            .stream(conn, direction)
+            .unwrap_or_else(|err| panic!("{err}\n--- conn {conn} ---\n{}", events.lines_of(conn)))
+            .bytes
+    };
+    let request = stream(srv.conn, "read");
+    let response = stream(srv.conn, "write");
+    let text = String::from_utf8_lossy(&request);
+    assert!(
+        text.starts_with("GET /hello.txt HTTP/1.1\r\n"),
+        "server read: {text:?}"
+    );
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        text.starts_with("HTTP/1.0 200 ") && text.ends_with(body),
+        "server write: {text:?}"
+    );
+    // What one side wrote is exactly what the other read.
+    assert_stream(&events, cli.conn, "write", &request);
+    assert_stream(&events, cli.conn, "read", &response);
+}
+
+#[test]
+fn one_mebibyte_write_is_reported_whole_and_truncated() {
+    const SIZE: usize = 1 << 20;
+    const LIMIT: u64 = 16384; // the default --capture-limit
+    const RECEIVER: &str = r#"
+size = int(sys.argv[1])
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+say("port", ls.getsockname()[1])
+wait()
+conn, _ = ls.accept()
+total = 0
+while total < size:
+    chunk = conn.recv(1 << 20)
+    if not chunk:
+        sys.exit(f"EOF after {total} bytes")
+    total += len(chunk)
+conn.sendall(b"ok")
+conn.close()
+say("done", total)
+"#;
+    const SENDER: &str = r#"
+port, size = int(sys.argv[1]), int(sys.argv[2])
+payload = (bytes(range(251)) * (size // 251 + 1))[:size]
+wait()
+c = socket.create_connection(("127.0.0.1", port))
+c.sendall(payload)
+if recv_exact(c, 2) != b"ok":
+    sys.exit("no ok")
+c.close()
+say("done")
+"#;
+    let pattern: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let mut receiver = Peer::python("receiver", RECEIVER, &[&SIZE.to_string()]);
+    let port: u16 = receiver.expect_num("port");
+    let mut sender = Peer::python("sender", SENDER, &[&port.to_string(), &SIZE.to_string()]);
+    let mut agent = Agent::start(&[
+        "--pid",
+        &receiver.pid().to_string(),
+        "--pid",
+        &sender.pid().to_string(),
+    ]);
+    receiver.send("go");
+    sender.send("go");
+    sender.expect("done");
+    assert_eq!(receiver.expect("done"), SIZE.to_string());
+    sender.finish();
+    receiver.finish();
+    // The agent is still up and ready after digesting the burst.
+    std::thread::sleep(Duration::from_millis(300));
+    agent.assert_running();
+    assert_eq!(agent.readyz(), 200, "readyz after the 1 MiB transfer");
+    let not_captured = agent.metric("tracer_bytes_not_captured_total");
+    agent.stop_ok();
+    let events = agent.events();
+
+    let writer = events.conn_of(sender.pid(), "the sender's connection", |_| true);
+    let reader = events.conn_of(receiver.pid(), "the receiver's connection", |_| true);
+    for (open, direction) in [(writer, "write"), (reader, "read")] {
+        let data = events.data_of(open.conn, direction);
+        let context = || {
+            format!(
+                "{direction} events of conn {}:\n{}",
+                open.conn,
+                data.iter()
+                    .map(|d| tracer_e2e::shorten_line(&d.line))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        };
+        let total: u64 = data.iter().map(|d| d.len).sum();
+        assert_eq!(total, SIZE as u64, "sum of len\n{}", context());
+        let mut next = 0;
+        for d in &data {
+            assert_eq!(
+                d.pos,
+                next,
+                "positions must follow each other\n{}",
+                context()
+            );
+            next += d.len;
+            if d.len > LIMIT {
+                assert!(
+                    d.truncated && d.captured <= LIMIT,
+                    "a {} B syscall must be truncated to at most {LIMIT} B: {}",
+                    d.len,
+                    tracer_e2e::shorten_line(&d.line)
+                );
+            } else {
+                assert!(
+                    !d.truncated && d.captured == d.len,
+                    "a {} B syscall fits the capture limit: {}",
+                    d.len,
+                    tracer_e2e::shorten_line(&d.line)
+                );
+            }
+            let at = d.pos as usize;
+            assert!(
+                d.data.as_slice() == &pattern[at..at + d.data.len()],
+                "captured bytes differ from what was sent at pos {at}: {}",
+                tracer_e2e::shorten_line(&d.line)
+            );
+        }
+    }
+    assert_stream(&events, writer.conn, "read", b"ok");
+    assert_stream(&events, reader.conn, "write", b"ok");
+    let close = events.close_of(writer.conn).unwrap_or_else(|| {
+        panic!(
+            "no close event for the sender's connection\n{}",
+            events.lines_of(writer.conn)
+        )
+    });
+    assert!(
+        close.sent == SIZE as u64 && close.received == 2,
+        "close should count {SIZE} B sent and 2 received: {}",
+        close.line
+    );
+    assert!(
+        not_captured > 0.0,
+        "tracer_bytes_not_captured_total should count the truncated bytes, is {not_captured}"
+    );
+}
+
+#[test]
+fn file_pipe_and_unix_socket_io_is_not_reported() {
+    const SCRIPT: &str = r#"
+marker = sys.argv[1].encode()
+path = sys.argv[2]
+def files_and_pipes():
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, marker)
+    os.lseek(fd, 0, os.SEEK_SET)
+    assert os.read(fd, 1000) == marker
+    os.close(fd)
+    r, w = os.pipe()
+    os.write(w, marker)
+    assert os.read(r, 1000) == marker
+    os.close(r); os.close(w)
+    a, b = socket.socketpair()
+    a.sendall(marker)
+    assert b.recv(1000) == marker
+    a.close(); b.close()
+wait()
+files_and_pipes()
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+c = socket.create_connection(ls.getsockname())
+s, _ = ls.accept()
+c.sendall(b"tcp request")
+assert recv_exact(s, 11) == b"tcp request"
+s.sendall(b"tcp reply")
+assert recv_exact(c, 9) == b"tcp reply"
+files_and_pipes()
+# A file opened on the number of a just-closed socket is still a file.
+freed = c.fileno()
+c.close()
+fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+say("reused", fd == freed)
+os.write(fd, marker)
+os.close(fd)
+s.close(); ls.close()
+say("done")
+"#;
+    let dir = TempDir::new("files");
+    let marker = "MARKER-not-a-socket-7f3a9c";
+    let file = dir.path().join("marker.txt");
+    let mut peer = Peer::python("file/pipe peer", SCRIPT, &[marker, file.to_str().unwrap()]);
+    let mut agent = Agent::start(&["--pid", &peer.pid().to_string()]);
+    peer.send("go");
+    assert_eq!(
+        peer.expect("reused"),
+        "True",
+        "the file did not reuse the fd"
+    );
+    peer.expect("done");
+    peer.finish();
+    agent.stop_ok();
+    let events = agent.events();
+    let pid = peer.pid();
+
+    // The TCP exchange is there: the agent did trace this process.
+    let client = events.conn_of(pid, "the TCP client", |o| o.role == "client");
+    assert_stream(&events, client.conn, "write", b"tcp request");
+    assert_stream(&events, client.conn, "read", b"tcp reply");
+
+    let leaked: Vec<String> = events
+        .data
+        .iter()
+        .filter(|d| d.data.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        .map(|d| tracer_e2e::shorten_line(&d.line))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "file, pipe or unix-socket bytes reported as socket data:\n{}",
+        leaked.join("\n")
+    );
+    for d in &events.data {
+        let open = events.open(d.conn);
+        assert!(
+            open.is_some_and(|o| o.local_addr().is_some() && o.remote_addr().is_some()),
+            "data event whose connection has no open event with a TCP tuple: {}\nopen: {:?}",
+            tracer_e2e::shorten_line(&d.line),
+            open.map(|o| &o.line)
+        );
+    }
+}
