@@ -60,6 +60,26 @@ pub struct Connection {
     pub remote: Option<SocketAddr>,
     pub tuple_source: TupleSource,
     pub process: Arc<Process>,
+    /// Addresses as text, formatted once: every span of the connection shares them.
+    pub text: AddressText,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AddressText {
+    pub local_ip: Option<Arc<str>>,
+    pub remote_ip: Option<Arc<str>>,
+    /// `ip:port` of the remote end.
+    pub remote: Option<Arc<str>>,
+}
+
+impl Connection {
+    fn format_addresses(&mut self) {
+        self.text = AddressText {
+            local_ip: self.local.map(|a| a.ip().to_string().into()),
+            remote_ip: self.remote.map(|a| a.ip().to_string().into()),
+            remote: self.remote.map(|a| a.to_string().into()),
+        };
+    }
 }
 
 #[derive(Debug)]
@@ -144,6 +164,7 @@ impl ConnTable {
             remote: None,
             tuple_source: TupleSource::Unknown,
             process: self.process(header.pid),
+            text: AddressText::default(),
         };
         if event.flags & conn_flags::TUPLE_KNOWN != 0
             && let Some((local, remote)) = tuple_addrs(&event.tuple)
@@ -155,6 +176,7 @@ impl ConnTable {
         if conn.local.is_none() || conn.role == Role::Unknown {
             self.resolve(&mut conn);
         }
+        conn.format_addresses();
         self.conns.insert(conn.id, conn);
         &self.conns[&header.conn_id]
     }
@@ -171,8 +193,10 @@ impl ConnTable {
                 remote: None,
                 tuple_source: TupleSource::Unknown,
                 process: self.process(pid),
+                text: AddressText::default(),
             };
             self.resolve(&mut conn);
+            conn.format_addresses();
             self.conns.insert(conn_id, conn);
         }
         &self.conns[&conn_id]

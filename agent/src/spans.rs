@@ -13,12 +13,11 @@
 //! Sampling follows the propagated sampled flag, else the configured sampler.
 use std::{
     borrow::Cow,
-    net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
 use opentelemetry::{
-    InstrumentationScope, KeyValue, Value,
+    InstrumentationScope, KeyValue, StringValue, Value,
     trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
@@ -212,13 +211,15 @@ impl SpanFactory {
         };
 
         let method_original = request.method.as_str();
-        let method = if KNOWN_METHODS.contains(&method_original) {
-            method_original
-        } else {
-            "_OTHER"
-        };
+        // Methods and span names come from closed sets, so they need no allocation.
+        let method: &'static str = KNOWN_METHODS
+            .iter()
+            .find(|m| **m == method_original)
+            .copied()
+            .unwrap_or("_OTHER");
         let name = if method == "_OTHER" { "HTTP" } else { method };
-        let mut attributes = vec![KeyValue::new("http.request.method", method.to_owned())];
+        let mut attributes = Vec::with_capacity(16);
+        attributes.push(KeyValue::new("http.request.method", method));
         if method == "_OTHER" {
             attributes.push(KeyValue::new(
                 "http.request.method_original",
@@ -230,6 +231,8 @@ impl SpanFactory {
         let host = header_str(&request.msg, "host").map(split_host);
         let local = conn.local;
         let remote = conn.remote;
+        let text = &conn.text;
+        let shared = |s: &Option<std::sync::Arc<str>>| s.clone().map(StringValue::from);
         let version = format!("1.{}", request.version);
 
         match kind {
@@ -240,8 +243,11 @@ impl SpanFactory {
                 }
                 attributes.push(KeyValue::new("url.scheme", "http"));
                 let (address, port) = match &host {
-                    Some((name, port)) => (Some(name.clone()), port.or(local.map(|a| a.port()))),
-                    None => (local.map(|a| a.ip().to_string()), local.map(|a| a.port())),
+                    Some((name, port)) => (
+                        Some(StringValue::from(name.clone())),
+                        port.or(local.map(|a| a.port())),
+                    ),
+                    None => (shared(&text.local_ip), local.map(|a| a.port())),
                 };
                 if let Some(address) = address {
                     attributes.push(KeyValue::new("server.address", address));
@@ -249,18 +255,21 @@ impl SpanFactory {
                 if let Some(port) = port {
                     attributes.push(KeyValue::new("server.port", i64::from(port)));
                 }
-                if let Some(remote) = remote {
-                    attributes.push(KeyValue::new("client.address", remote.ip().to_string()));
+                if let Some(ip) = shared(&text.remote_ip) {
+                    attributes.push(KeyValue::new("client.address", ip));
                 }
             }
             _ => {
                 let (address, port) = match &host {
-                    Some((name, port)) => (Some(name.clone()), port.or(remote.map(|a| a.port()))),
-                    None => (remote.map(|a| a.ip().to_string()), remote.map(|a| a.port())),
+                    Some((name, port)) => (
+                        Some(StringValue::from(name.clone())),
+                        port.or(remote.map(|a| a.port())),
+                    ),
+                    None => (shared(&text.remote_ip), remote.map(|a| a.port())),
                 };
                 let authority = header_str(&request.msg, "host")
-                    .map(|h| h.trim().to_owned())
-                    .or_else(|| remote.map(|a| a.to_string()))
+                    .map(str::trim)
+                    .or(text.remote.as_deref())
                     .unwrap_or_default();
                 let mut full = format!("http://{authority}{path}");
                 if let Some(query) = &query {
@@ -276,7 +285,10 @@ impl SpanFactory {
                 }
             }
         }
-        peer_attributes(&mut attributes, remote);
+        if let (Some(ip), Some(remote)) = (shared(&text.remote_ip), remote) {
+            attributes.push(KeyValue::new("network.peer.address", ip));
+            attributes.push(KeyValue::new("network.peer.port", i64::from(remote.port())));
+        }
         attributes.push(KeyValue::new("network.protocol.version", version));
         if let Some(agent) = header_str(&request.msg, "user-agent") {
             attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
@@ -335,7 +347,7 @@ impl SpanFactory {
             parent_span_id,
             parent_span_is_remote: parent_span_id != SpanId::INVALID,
             span_kind: kind,
-            name: Cow::Borrowed(name_static(name)),
+            name: Cow::Borrowed(name),
             start_time: self.time(start),
             end_time: self.time(end),
             attributes,
@@ -350,25 +362,6 @@ impl SpanFactory {
             sampled,
             context_error,
         }
-    }
-}
-
-/// Span names are a closed set (methods and "HTTP"), so they need no allocation.
-fn name_static(name: &str) -> &'static str {
-    KNOWN_METHODS
-        .iter()
-        .find(|m| **m == name)
-        .copied()
-        .unwrap_or("HTTP")
-}
-
-fn peer_attributes(attributes: &mut Vec<KeyValue>, remote: Option<SocketAddr>) {
-    if let Some(remote) = remote {
-        attributes.push(KeyValue::new(
-            "network.peer.address",
-            remote.ip().to_string(),
-        ));
-        attributes.push(KeyValue::new("network.peer.port", i64::from(remote.port())));
     }
 }
 

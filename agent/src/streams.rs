@@ -48,6 +48,7 @@ pub struct Segment {
     pub direction: Direction,
     pub tid: u32,
     pub pos: u64,
+    /// Empty only when the segment just reports a gap (a truncated syscall's missing tail).
     pub data: Bytes,
     /// Bytes known missing immediately before `pos` (0 = contiguous with the previous segment).
     pub gap_before: u64,
@@ -225,10 +226,24 @@ impl DirState {
                 exit_ns: record.exit_ns,
             });
         }
-        // The uncaptured tail of a truncated syscall will never arrive: it is a gap now.
+        // The uncaptured tail of a truncated syscall will never arrive: it is a gap now, and
+        // is reported at once by an empty segment, so a parser can finish a message whose last
+        // bytes were not captured instead of waiting for the next syscall.
         let tail = end - self.expected;
         self.declare_gap(tail, stats);
         self.expected = end;
+        if tail > 0 {
+            out.push(Segment {
+                conn_id: record.conn_id,
+                direction: record.direction,
+                tid: record.tid,
+                pos: end,
+                data: Bytes::new(),
+                gap_before: std::mem::take(&mut self.pending_gap),
+                enter_ns: record.enter_ns,
+                exit_ns: record.exit_ns,
+            });
+        }
         true
     }
 
@@ -612,7 +627,12 @@ mod tests {
                 Push(rec_len(1, E, 0, b"ab", 5, 10)),
                 Push(rec(1, E, 5, b"xyz", 20)),
             ],
-            want: vec![seg(1, E, 0, b"ab", 0, 10), seg(1, E, 5, b"xyz", 3, 20)],
+            want: vec![
+                seg(1, E, 0, b"ab", 0, 10),
+                // The missing tail is reported at once, by an empty segment.
+                seg(1, E, 5, b"", 3, 10),
+                seg(1, E, 5, b"xyz", 0, 20),
+            ],
             stats: StreamStats {
                 gap_bytes: 3,
                 gaps: 1,
@@ -634,7 +654,11 @@ mod tests {
                 Push(rec_len(1, E, 1, b"", 4, 20)),
                 Push(rec(1, E, 5, b"b", 30)),
             ],
-            want: vec![seg(1, E, 0, b"a", 0, 10), seg(1, E, 5, b"b", 4, 30)],
+            want: vec![
+                seg(1, E, 0, b"a", 0, 10),
+                seg(1, E, 5, b"", 4, 20),
+                seg(1, E, 5, b"b", 0, 30),
+            ],
             stats: StreamStats {
                 gap_bytes: 4,
                 gaps: 1,
@@ -951,6 +975,7 @@ mod tests {
             want: vec![
                 seg(1, E, u64::MAX - 1, b"a", 0, 10),
                 seg(1, I, 5, b"x", 0, 30),
+                seg(1, I, u64::MAX, b"", u64::MAX - 6, 30),
                 seg(2, E, 0, b"abcd", 0, 50),
                 seg(2, E, 4, b"e", 0, 60),
             ],
@@ -1105,7 +1130,8 @@ mod tests {
                     }
                 }
                 for s in &out {
-                    prop_assert!(!s.data.is_empty());
+                    // Empty segments exist only to report a gap.
+                    prop_assert!(!s.data.is_empty() || s.gap_before > 0);
                     let end = ends.get_mut(&(s.conn_id, s.direction));
                     prop_assert!(end.is_some());
                     if let Some(end) = end {

@@ -7,6 +7,9 @@
 //! print the agent's stderr, a summary of its dump and the peers' output, which libtest shows
 //! with the failure.
 
+pub mod otlp_receiver;
+pub mod span_agent;
+
 use std::{
     collections::BTreeMap,
     fs,

@@ -1,5 +1,6 @@
 //! Developer tasks. `cargo xtask run -- ARGS` and `cargo xtask test` are the two README
 //! commands; both install what is missing first (see `setup`).
+mod bench;
 mod setup;
 
 use std::{
@@ -42,6 +43,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the agent's overhead (untraced and traced processes, against no agent and the
+    /// probe floor) and print a Markdown table. Needs root; takes a few minutes.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             Err(cmd.args(args).exec()).context("starting the agent")
         }
         Task::Test { no_lint, args } => test(&root, no_lint, &args),
+        Task::Bench(args) => bench::main(&root, args),
     }
 }
 

@@ -57,15 +57,13 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
     }
 }
 
-#[cfg(test)]
-pub(crate) fn encode_data(event: &DataEvent, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len());
-    // SAFETY: DataEvent is repr(C) without padding.
+/// The bytes of a record as the probes write it: `value` then `payload`. For benchmarks,
+/// fuzzing and tests, which feed the pipeline without a kernel.
+pub fn encode_record<T: aya::Pod>(value: &T, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size_of::<T>() + payload.len());
+    // SAFETY: T is Pod: plain integers without padding, so its bytes are initialized.
     out.extend_from_slice(unsafe {
-        std::slice::from_raw_parts(
-            (event as *const DataEvent).cast::<u8>(),
-            size_of::<DataEvent>(),
-        )
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>())
     });
     out.extend_from_slice(payload);
     out
@@ -97,7 +95,7 @@ mod tests {
 
     #[test]
     fn decodes_data_with_payload_and_padding() {
-        let mut bytes = encode_data(&data_event(5), b"hello");
+        let mut bytes = encode_record(&data_event(5), b"hello");
         bytes.extend_from_slice(&[0, 0, 0]);
         match decode(&bytes).unwrap() {
             RawEvent::Data(event, payload) => {
@@ -111,7 +109,7 @@ mod tests {
     #[test]
     fn rejects_short_and_unknown_records() {
         assert!(matches!(decode(&[1, 0]), Err(DecodeError::Short { .. })));
-        let bytes = encode_data(&data_event(9), b"hello");
+        let bytes = encode_record(&data_event(9), b"hello");
         assert_eq!(
             decode(&bytes),
             Err(DecodeError::PayloadLength {
@@ -119,7 +117,7 @@ mod tests {
                 carried: 5
             })
         );
-        let mut unknown = encode_data(&data_event(0), b"");
+        let mut unknown = encode_record(&data_event(0), b"");
         unknown[0] = 99;
         assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(99)));
     }

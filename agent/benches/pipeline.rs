@@ -1,0 +1,214 @@
+//! Userspace cost per HTTP exchange, from ring buffer records to an exported span: decode,
+//! syscall assembly, conntrack, reassembly, HTTP/1 parsing, span synthesis, then OTLP
+//! http/protobuf export with gzip to a local sink that accepts every request, on one thread
+//! (the agent's own runtime is single-threaded too).
+//!
+//! Run: `cargo bench -p tracer-agent --bench pipeline` (prints ns per exchange). `cargo xtask
+//! bench` runs it too, beside the kernel-side figures.
+use std::{
+    hint::black_box,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpListener,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracer_agent::{
+    capture::decode::encode_record,
+    clock::Clock,
+    export::{ExportConfig, Exporter, ExporterKind, OtlpProtocol},
+    metrics::Metrics,
+    pipeline::{Pipeline, SpanStage},
+    resource::ResourceBuilder,
+    sample::Sampler,
+    spans::SpanFactory,
+    streams::StreamLimits,
+};
+use tracer_common::{
+    CloseEvent, ConnEvent, DataEvent, EventHeader, Tuple, conn_flags, data_flags, direction, kind,
+    role, syscall,
+};
+
+const REQUEST: &[u8] = b"GET /api/items?id=42 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\
+User-Agent: curl/7.88.1\r\nAccept: */*\r\n\
+traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
+const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n\
+Content-Type: application/json\r\nContent-Length: 27\r\nConnection: keep-alive\r\n\r\n\
+{\"id\":42,\"name\":\"widget\"}\n";
+
+fn header(kind: u32, conn_id: u64, ts_ns: u64) -> EventHeader {
+    EventHeader {
+        kind,
+        pid: std::process::id(),
+        tid: std::process::id(),
+        fd: 7,
+        conn_id,
+        ts_ns,
+    }
+}
+
+fn data(conn_id: u64, dir: u32, pos: u64, payload: &[u8], ts_ns: u64) -> Vec<u8> {
+    let event = DataEvent {
+        header: header(kind::DATA, conn_id, ts_ns),
+        enter_ns: ts_ns - 1_000,
+        syscall_pos: pos,
+        syscall_len: payload.len() as u64,
+        chunk_offset: 0,
+        captured_len: payload.len() as u32,
+        direction: dir,
+        syscall: if dir == direction::INGRESS {
+            syscall::READ
+        } else {
+            syscall::WRITE
+        },
+        flags: data_flags::FIRST_CHUNK | data_flags::LAST_CHUNK,
+        chunk_index: 0,
+    };
+    encode_record(&event, payload)
+}
+
+/// The records of `exchanges` keep-alive exchanges on one server connection.
+fn connection(conn_id: u64, exchanges: usize, start_ns: u64) -> Vec<Vec<u8>> {
+    let mut tuple = Tuple {
+        family: 2,
+        sport: 8080,
+        dport: 40_000 + (conn_id % 20_000) as u16,
+        ..Default::default()
+    };
+    tuple.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    tuple.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let open = ConnEvent {
+        header: header(kind::OPEN, conn_id, start_ns),
+        role: role::SERVER,
+        flags: conn_flags::TUPLE_KNOWN,
+        tuple,
+        syscall: syscall::ACCEPT,
+        _pad: 0,
+    };
+    let mut records = vec![encode_record(&open, &[])];
+    let mut ts = start_ns;
+    for i in 0..exchanges as u64 {
+        ts += 10_000;
+        records.push(data(
+            conn_id,
+            direction::INGRESS,
+            i * REQUEST.len() as u64,
+            REQUEST,
+            ts,
+        ));
+        ts += 50_000;
+        records.push(data(
+            conn_id,
+            direction::EGRESS,
+            i * RESPONSE.len() as u64,
+            RESPONSE,
+            ts,
+        ));
+    }
+    let close = CloseEvent {
+        header: header(kind::CLOSE, conn_id, ts + 1_000),
+        egress_bytes: (exchanges * RESPONSE.len()) as u64,
+        ingress_bytes: (exchanges * REQUEST.len()) as u64,
+    };
+    records.push(encode_record(&close, &[]));
+    records
+}
+
+/// An OTLP/HTTP endpoint that reads each request and answers 200, on its own thread so the
+/// measured thread only pays for the agent's side.
+fn sink() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
+    let addr = listener.local_addr().expect("sink address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if reader.get_mut().write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let connections = if quick { 200 } else { 2_000 };
+    let per_connection = 50;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let records: Vec<Vec<u8>> = (0..connections)
+        .flat_map(|c| connection(c as u64 + 1, per_connection, 1_000_000_000 + c as u64))
+        .collect();
+    let exchanges = connections * per_connection;
+
+    let result = runtime.block_on(async {
+        let metrics = Arc::new(Metrics::new());
+        let mut config = ExportConfig::new(ExporterKind::Otlp {
+            protocol: Some(OtlpProtocol::HttpProtobuf),
+            endpoint: Some(sink()),
+        });
+        // Room for every span: the figure is the cost of exporting them all, not of dropping.
+        config.queue_size = exchanges + 1;
+        let (exporter, handle) = Exporter::start(config, metrics.clone()).expect("exporter");
+        let stage = SpanStage {
+            factory: SpanFactory::new(Clock::new(), Sampler::default()),
+            resources: ResourceBuilder::new(None, Vec::new()),
+            export: handle,
+        };
+        let mut pipeline = Pipeline::new(StreamLimits::default(), None::<Dump>, Some(stage));
+        let start = Instant::now();
+        for record in &records {
+            pipeline.handle(black_box(record));
+        }
+        let pipeline_time = start.elapsed();
+        exporter.shutdown(Duration::from_secs(120)).await;
+        let total = start.elapsed();
+        let exported = metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("tracer_spans_exported_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        (pipeline_time, total, exported)
+    });
+    let (pipeline_time, total, exported) = result;
+    assert_eq!(
+        exported as usize, exchanges,
+        "every exchange must become an exported span"
+    );
+    let per = |d: Duration| d.as_nanos() as f64 / exchanges as f64;
+    println!(
+        "pipeline: {exchanges} HTTP/1.1 exchanges on {connections} connections: \
+         {:.0} ns/exchange to a queued span, {:.0} ns/exchange including OTLP http/protobuf \
+         export (gzip)",
+        per(pipeline_time),
+        per(total)
+    );
+}
+
+type Dump = tracer_agent::dump::Dump<std::io::Sink>;
