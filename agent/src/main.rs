@@ -150,8 +150,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The probes wake us only when the ring buffer fills up a quarter; otherwise this timer
+    // drains it, so a busy traced process does not cost the agent a wakeup per syscall.
+    let mut drain_timer = tokio::time::interval(DRAIN_EVERY);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticks: u64 = 0;
     let status_every = Duration::from_secs(cli.status_interval);
     let mut last_status = tokio::time::Instant::now();
 
@@ -159,22 +162,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             guard = probes.events.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    pipeline.handle(&item);
-                }
+                drain(guard.get_inner_mut(), &mut pipeline);
                 guard.clear_ready();
-                pipeline.flush();
             }
-            _ = tick.tick() => {
-                pipeline.tick(Clock::monotonic_now());
-                pipeline.flush();
-                probes.poll_logger();
-                let kernel = probes.counters();
-                publish(&metrics, &probes, &pipeline, &kernel, cli.all);
-                if !status_every.is_zero() && last_status.elapsed() >= status_every {
-                    last_status = tokio::time::Instant::now();
-                    print_status(&pipeline, &kernel);
+            _ = drain_timer.tick() => {
+                drain(probes.events.get_mut(), &mut pipeline);
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    pipeline.tick(Clock::monotonic_now());
+                    pipeline.flush();
+                    probes.poll_logger();
+                    let kernel = probes.counters();
+                    let refresh = ticks % 1000 == 10;
+                    publish(&metrics, &probes, &pipeline, &kernel, cli.all, refresh);
+                    if !status_every.is_zero() && last_status.elapsed() >= status_every {
+                        last_status = tokio::time::Instant::now();
+                        print_status(&pipeline, &kernel);
+                    }
                 }
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -184,22 +188,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     // Drain what the kernel already wrote, then report the totals once.
-    {
-        let ring = probes.events.get_mut();
-        while let Some(item) = ring.next() {
-            pipeline.handle(&item);
-        }
-    }
+    drain(probes.events.get_mut(), &mut pipeline);
     pipeline.tick(u64::MAX);
     pipeline.flush();
     let kernel = probes.counters();
-    publish(&metrics, &probes, &pipeline, &kernel, cli.all);
+    publish(&metrics, &probes, &pipeline, &kernel, cli.all, true);
     print_status(&pipeline, &kernel);
     if let Some(exporter) = exporter {
         exporter.shutdown(Duration::from_secs(5)).await;
     }
     let _ = std::io::stdout().flush();
     Ok(())
+}
+
+/// How often the ring buffer is drained when the probes do not wake the agent.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
+/// Runs every record waiting in the ring buffer through the pipeline.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline<impl Write>) {
+    let mut any = false;
+    while let Some(item) = ring.next() {
+        pipeline.handle(&item);
+        any = true;
+    }
+    if any {
+        pipeline.flush();
+    }
 }
 
 /// Copies kernel and userspace figures into the metrics.
@@ -209,6 +223,7 @@ fn publish(
     pipeline: &Pipeline<impl Write>,
     kernel: &KernelCounters,
     trace_all: bool,
+    refresh_processes: bool,
 ) {
     metrics.observe_total(&metrics.bytes_captured, kernel.get(counter::BYTES_CAPTURED));
     metrics.observe_total(
@@ -220,7 +235,6 @@ fn publish(
         (KernelLoss::CopyFailed, counter::LOSS_COPY_FAILED),
         (KernelLoss::InflightMapFull, counter::LOSS_INFLIGHT_MAP_FULL),
         (KernelLoss::ConnMapFull, counter::LOSS_CONN_MAP_FULL),
-        (KernelLoss::TracedMapFull, counter::LOSS_TRACED_MAP_FULL),
     ] {
         metrics.observe_kernel_lost_events(loss, kernel.get(index));
     }
@@ -229,13 +243,13 @@ fn publish(
         kernel.get(counter::LOSS_RINGBUF_FULL_BYTES),
     );
     pipeline.publish(metrics);
-    // With --all the kernel keeps no list; count the processes seen with connections.
-    let processes = if trace_all {
-        pipeline.processes()
-    } else {
-        probes.traced_count()
-    };
-    metrics.processes_traced.set(processes as u64);
+    // With --all the kernel keeps no list: count the processes seen with connections. With
+    // --pid, walking /proc for descendants costs more, so it is refreshed every 10 s.
+    if trace_all {
+        metrics.processes_traced.set(pipeline.processes() as u64);
+    } else if refresh_processes {
+        metrics.processes_traced.set(probes.traced_count() as u64);
+    }
 }
 
 /// The periodic one-line summary on stderr: what is traced and every loss so far.
@@ -251,10 +265,6 @@ fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
             (
                 "connection map full",
                 kernel.get(counter::LOSS_CONN_MAP_FULL),
-            ),
-            (
-                "process map full",
-                kernel.get(counter::LOSS_TRACED_MAP_FULL),
             ),
             ("undecodable", pipeline.stats.decode_errors),
         ];

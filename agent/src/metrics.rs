@@ -76,18 +76,15 @@ pub enum KernelLoss {
     InflightMapFull,
     /// The connection map was full, so a connection went untracked.
     ConnMapFull,
-    /// The map of traced processes was full, so a process was not traced.
-    TracedMapFull,
 }
 
 impl KernelLoss {
     /// Every reason, to pre-create the series.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 4] = [
         Self::RingbufFull,
         Self::CopyFailed,
         Self::InflightMapFull,
         Self::ConnMapFull,
-        Self::TracedMapFull,
     ];
 
     /// The label value.
@@ -97,7 +94,6 @@ impl KernelLoss {
             Self::CopyFailed => "copy_failed",
             Self::InflightMapFull => "inflight_map_full",
             Self::ConnMapFull => "conn_map_full",
-            Self::TracedMapFull => "traced_map_full",
         }
     }
 }
@@ -330,9 +326,8 @@ impl Metrics {
         registry.register(
             "kernel_lost_events",
             "Events the kernel probes dropped, by reason (ringbuf_full: ring buffer full; \
-             copy_failed: reading user memory failed; inflight_map_full, conn_map_full, \
-             traced_map_full: that BPF map was full so the syscall, connection or process \
-             went untracked)",
+             copy_failed: reading user memory failed; inflight_map_full, conn_map_full: that \
+             BPF map was full so the syscall or connection went untracked)",
             kernel_lost_events.clone(),
         );
         let kernel_lost_bytes = precreated([KernelLoss::RingbufFull]);
@@ -787,7 +782,6 @@ mod tests {
             "tracer_kernel_lost_events_total{reason=\"copy_failed\"} 0\n",
             "tracer_kernel_lost_events_total{reason=\"inflight_map_full\"} 0\n",
             "tracer_kernel_lost_events_total{reason=\"conn_map_full\"} 0\n",
-            "tracer_kernel_lost_events_total{reason=\"traced_map_full\"} 0\n",
             "tracer_kernel_lost_bytes_total{reason=\"ringbuf_full\"} 0\n",
             "tracer_userspace_lost_events_total{stage=\"capture\",reason=\"decode_error\"} 0\n",
             "tracer_userspace_lost_events_total{stage=\"capture\",reason=\"incomplete_syscall\"} 0\n",

@@ -1109,6 +1109,8 @@ fn collector_down_then_up_gets_every_span_once() {
         SPAN_WAIT,
         |s| s.len() >= COUNT,
     );
+    // The receiver holds the spans a moment before the agent has counted the reply.
+    agent.wait_metric("tracer_spans_exported_total", COUNT as f64, SPAN_WAIT);
     // Stopping flushes whatever is left, so a duplicate would show up below.
     let metrics = agent.metrics();
     agent.stop_ok();
@@ -1196,6 +1198,8 @@ fn tiny_queue_while_collector_down_keeps_the_first_spans_and_counts_the_rest() {
         SPAN_WAIT,
         |s| s.len() >= QUEUE,
     );
+    // The receiver holds the spans a moment before the agent has counted the reply.
+    agent.wait_metric("tracer_spans_exported_total", QUEUE as f64, SPAN_WAIT);
     let metrics = agent.metrics();
     agent.stop_ok();
     let spans = receiver.spans();

@@ -8,12 +8,12 @@ use std::{fs, io, os::fd::AsRawFd, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 use log::{debug, info, warn};
 use tokio::io::unix::AsyncFd;
-use tracer_common::counter;
+use tracer_common::{TRACED_PID_LIMIT, TracedSet, counter};
 
 /// The probes, built by build.rs from ebpf-probes/kernel.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-probes"));
@@ -84,7 +84,8 @@ pub struct Probes {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub events: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
-    traced: BpfHashMap<MapData, u32, u32>,
+    /// The --pid processes: what is traced now is them and their descendants.
+    roots: Vec<u32>,
     pub attached: usize,
     /// Processes traced from the start: the --pid targets and their children, or with --all
     /// every process but the agent.
@@ -197,6 +198,12 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         .override_global("TRACE_ALL", &capture_all, true)
         .override_global("AGENT_TGID", &agent_tgid, true)
         .override_global("CAPTURE_LIMIT", &config.capture_limit, true)
+        // A quarter full wakes the agent; below that it drains on its own timer.
+        .override_global(
+            "WAKEUP_BYTES",
+            &u64::from(config.ring_buffer_bytes / 4),
+            true,
+        )
         .map_max_entries("EVENTS", config.ring_buffer_bytes)
         .load(PROBES)
         .map_err(|source| CaptureError::Load {
@@ -212,15 +219,12 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         }
     };
 
-    let mut traced: BpfHashMap<MapData, u32, u32> = take_map(&mut ebpf, "TRACED")?;
-    for &pid in &targets {
-        traced
-            .insert(pid, 1, 0)
-            .map_err(|source| CaptureError::Map {
-                name: "TRACED",
-                source,
-            })?;
+    let mut traced: Array<MapData, TracedSet> = take_map(&mut ebpf, "TRACED")?;
+    let mut set = zeroed_traced_set();
+    for &pid in targets.iter().filter(|&&pid| pid < TRACED_PID_LIMIT) {
+        set.pids[pid as usize] = 1;
     }
+    store_traced_set(&mut traced, &set)?;
     let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
 
@@ -273,12 +277,12 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
             .unwrap_or_default();
     }
     Ok(Probes {
+        roots: config.pids.clone(),
         targets,
         _ebpf: ebpf,
         logger,
         events: register(events).map_err(CaptureError::Poll)?,
         counters,
-        traced,
         attached,
     })
 }
@@ -326,6 +330,25 @@ fn load_hint(err: &aya::EbpfError) -> String {
     }
 }
 
+/// Stores the set by reference: by value, its 4 MiB would be copied onto the stack.
+fn store_traced_set(
+    map: &mut Array<MapData, TracedSet>,
+    set: &TracedSet,
+) -> Result<(), CaptureError> {
+    map.set(0, set, 0).map_err(|source| CaptureError::Map {
+        name: "TRACED",
+        source,
+    })
+}
+
+/// An empty traced set, made on the heap: 4 MiB would not fit every thread's stack.
+fn zeroed_traced_set() -> Box<TracedSet> {
+    let bytes = vec![0u8; size_of::<TracedSet>()].into_boxed_slice();
+    // SAFETY: TracedSet is a repr(C) byte array of exactly this length (alignment 1), and
+    // zero bytes are a valid value of it.
+    unsafe { Box::from_raw(Box::into_raw(bytes).cast::<TracedSet>()) }
+}
+
 /// Every current descendant of `pid` (workers forked before the agent started).
 fn descendants(pid: u32) -> Vec<u32> {
     let Ok(all) = procfs::process::all_processes() else {
@@ -363,9 +386,14 @@ impl Probes {
         totals
     }
 
-    /// Processes in the kernel's traced set (includes threads briefly; see the probes).
+    /// Processes traced now with --pid: the roots still alive and their descendants, which is
+    /// what the kernel follows. Reads /proc, so call it seldom.
     pub fn traced_count(&self) -> usize {
-        self.traced.keys().filter(|k| k.is_ok()).count()
+        self.roots
+            .iter()
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .map(|&pid| 1 + descendants(pid).len())
+            .sum()
     }
 
     /// Forwards pending kernel log lines into the agent's log.

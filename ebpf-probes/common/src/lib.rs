@@ -20,6 +20,20 @@ pub const MAX_IOV: usize = 16;
 /// Messages looked at per sendmmsg/recvmmsg; later ones count as not captured.
 pub const MAX_MMSG: usize = 4;
 
+/// Process ids the traced-process set covers: Linux's PID_MAX_LIMIT.
+pub const TRACED_PID_LIMIT: u32 = 1 << 22;
+
+/// The set of traced process (and thread) ids, one byte each (non-zero: traced), as the single
+/// 4 MiB value of the `TRACED` array map. An array lookup is inlined by the verifier, so the
+/// check every syscall of every process pays is a few instructions, not a hash map helper
+/// call. Bytes rather than bits: the BPF target has no atomic read-modify-write in Rust, and a
+/// byte store cannot clobber a neighbour's entry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TracedSet {
+    pub pids: [u8; TRACED_PID_LIMIT as usize],
+}
+
 /// `EventHeader::kind` values.
 pub mod kind {
     /// A [`crate::DataEvent`] followed by `captured_len` payload bytes.
@@ -107,10 +121,8 @@ pub mod counter {
     pub const LOSS_INFLIGHT_MAP_FULL: u32 = 6;
     /// Connections not tracked because the connection map was full.
     pub const LOSS_CONN_MAP_FULL: u32 = 7;
-    /// Forked children not traced because the traced-process map was full.
-    pub const LOSS_TRACED_MAP_FULL: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 8;
 }
 
 /// Common prefix of every ring buffer record.
@@ -218,6 +230,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::CloseEvent {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::TracedSet {}
 }
 
 // No padding anywhere: the size is the sum of the fields.

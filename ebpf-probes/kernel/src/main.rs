@@ -25,14 +25,14 @@ use aya_ebpf::{
         generated::{bpf_get_smp_processor_id, bpf_loop, bpf_probe_read_user},
     },
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
     CHUNK_SIZE, CloseEvent, ConnEvent, ConnKey, DataEvent, EventHeader, MAX_CAPTURE_LIMIT,
-    MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG, Tuple, conn_flags, counter, data_flags, direction,
-    kind, role, syscall,
+    MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG, TRACED_PID_LIMIT, TracedSet, Tuple, conn_flags,
+    counter, data_flags, direction, kind, role, syscall,
 };
 
 // ---- load-time configuration (set by the agent with EbpfLoader::set_global) ----
@@ -46,12 +46,16 @@ static AGENT_TGID: u32 = 0;
 /// Bytes captured per syscall at most (clamped to MAX_CAPTURE_LIMIT).
 #[unsafe(no_mangle)]
 static CAPTURE_LIMIT: u32 = tracer_common::DEFAULT_CAPTURE_LIMIT;
+/// Wake the agent only once this many bytes wait in the ring buffer; it also drains on a short
+/// timer. One wakeup per event would cost the agent a context switch per syscall.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 1 << 20;
 
 // ---- maps ----
 
 /// Traced thread-group ids (and, briefly, thread ids of their new threads: see fork).
 #[map]
-static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(65_536, 0);
+static TRACED: Array<TracedSet> = Array::with_max_entries(1, 0);
 
 /// Syscalls in flight, keyed by pid_tgid. Not LRU: evicting a live entry would lose data
 /// silently, while a failed insert is counted. Threads that exit mid-syscall are removed in
@@ -168,12 +172,43 @@ fn count(index: u32, n: u64) -> u64 {
     }
 }
 
+/// The traced-set byte of `pid`.
+#[inline(always)]
+fn traced_entry(pid: u32) -> Option<*mut u8> {
+    let set = TRACED.get_ptr_mut(0)?;
+    let index = (pid & (TRACED_PID_LIMIT - 1)) as usize;
+    Some(unsafe { (*set).pids.as_mut_ptr().add(index) })
+}
+
 #[inline(always)]
 fn is_traced(tgid: u32) -> bool {
     if unsafe { read_volatile(&TRACE_ALL) } != 0 {
         return tgid != unsafe { read_volatile(&AGENT_TGID) };
     }
-    unsafe { TRACED.get(tgid) }.is_some()
+    match traced_entry(tgid) {
+        Some(entry) => unsafe { *entry != 0 },
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn set_traced(pid: u32, on: bool) {
+    if let Some(entry) = traced_entry(pid) {
+        unsafe { *entry = u8::from(on) };
+    }
+}
+
+/// Ring buffer flags: wake the agent only when enough data waits (see WAKEUP_BYTES).
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= unsafe { read_volatile(&WAKEUP_BYTES) } {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 #[inline(always)]
@@ -200,7 +235,7 @@ fn header(kind: u32, pid_tgid: u64, fd: i32, conn_id: u64) -> EventHeader {
 
 #[inline(always)]
 fn output<T>(value: &T) -> bool {
-    if EVENTS.output::<T>(value, 0).is_err() {
+    if EVENTS.output::<T>(value, wakeup_flags()).is_err() {
         count(counter::LOSS_RINGBUF_FULL, 1);
         return false;
     }
@@ -297,6 +332,9 @@ pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn sock_length(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
     let Some(inflight) = INFLIGHT.get_ptr_mut(pid_tgid) else {
         return 0;
     };
@@ -406,7 +444,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if INFLIGHT.get_ptr(pid_tgid).is_none() {
+    if !is_traced((pid_tgid >> 32) as u32) || INFLIGHT.get_ptr(pid_tgid).is_none() {
         return 0;
     }
     let sk: u64 = read(&ctx, 8);
@@ -436,18 +474,13 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // The forking task is current; child_pid is the new task's id (a tid for new threads,
-    // whose entry is harmless and removed when the thread exits).
+    // whose bit is harmless and cleared when the thread exits).
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if unsafe { TRACED.get(parent) }.is_none() {
+    if !is_traced(parent) {
         return 0;
     }
     let child: i32 = read(&ctx, 20);
-    if TRACED.insert(child as u32, 1, 0).is_err() && count(counter::LOSS_TRACED_MAP_FULL, 1) == 0 {
-        warn!(
-            &ctx,
-            "traced-process map full: forked child {} not traced", child
-        );
-    }
+    set_traced(child as u32, true);
     0
 }
 
@@ -462,10 +495,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let group_dead: u8 = read(&ctx, 32);
     let _ = INFLIGHT.remove(pid_tgid);
     if tid != tgid {
-        let _ = TRACED.remove(tid);
+        set_traced(tid, false);
     }
     if group_dead != 0 {
-        let _ = TRACED.remove(tgid);
+        set_traced(tgid, false);
         output(&header(kind::EXIT, pid_tgid, -1, 0));
     }
     0
@@ -647,8 +680,13 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 
 // ---- syscall exit: capture the bytes ----
 
+/// The saved entry of the syscall now exiting. Untraced processes stop at the bitmap check,
+/// before any hash map work.
 #[inline(always)]
 fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return None;
+    }
     let inflight = unsafe { *INFLIGHT.get(pid_tgid)? };
     let _ = INFLIGHT.remove(pid_tgid);
     Some(inflight)
@@ -717,7 +755,7 @@ fn flush_chunk(scratch: *mut Scratch, fill: u64, last: bool) {
         let size = core::mem::size_of::<DataEvent>() as u64 + len;
         let bytes =
             core::slice::from_raw_parts(event as *const DataEvent as *const u8, size as usize);
-        if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
             count(counter::LOSS_RINGBUF_FULL, 1);
             count(counter::LOSS_RINGBUF_FULL_BYTES, len);
         } else {
