@@ -187,7 +187,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
-    // Drain what the kernel already wrote, then report the totals once.
+    // Stop the probes first, so nothing is written after the last drain; then report the
+    // totals once.
+    probes.detach();
     drain(probes.events.get_mut(), &mut pipeline);
     pipeline.tick(u64::MAX);
     pipeline.flush();
