@@ -1100,6 +1100,11 @@ fn collector_down_then_up_gets_every_span_once() {
         0.0
     );
     agent.assert_running();
+    // The outage the issue names: the collector stays away for 10 s in all.
+    if let Some(rest) = Duration::from_secs(10).checked_sub(down_since.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    agent.assert_running();
 
     let receiver = Receiver::start_on(Protocol::Grpc, addr);
     let up_after = down_since.elapsed();
