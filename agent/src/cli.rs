@@ -8,9 +8,12 @@ use tracer_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 /// tracer-agent: distributed traces for processes that carry no tracing code.
 ///
 /// Kernel probes (tracepoints only, no kprobes) capture the TCP socket reads and writes of the
-/// traced processes. Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN).
+/// traced processes; each HTTP/1.x request they serve or make becomes an OpenTelemetry span.
+/// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN).
 ///
 /// Examples:
+///   sudo tracer-agent --pid 1234                 # its traces as trees on stdout
+///   sudo tracer-agent --pid 1234 --otlp-endpoint http://127.0.0.1:4318   # spans to a collector
 ///   sudo tracer-agent --pid 1234 --dump          # watch what process 1234 sends and receives
 ///   sudo tracer-agent --all --metrics-addr 127.0.0.1:9464
 #[derive(Parser, Debug, Clone)]

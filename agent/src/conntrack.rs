@@ -277,6 +277,16 @@ impl ConnTable {
         self.conns.get(&conn_id)
     }
 
+    /// Processes with connections that no longer exist: their EXIT event was lost (ring buffer
+    /// full), so the sweep must release them.
+    pub fn vanished_processes(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.conns.values().map(|c| c.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+        pids
+    }
+
     /// Connections of one process.
     pub fn ids_of(&self, pid: u32) -> Vec<u64> {
         self.conns
@@ -319,6 +329,31 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_finds_processes_that_exited_unseen() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let mut table = ConnTable::default();
+        for (conn_id, pid) in [(1, gone), (2, std::process::id())] {
+            table.open(&ConnEvent {
+                header: tracer_common::EventHeader {
+                    kind: tracer_common::kind::OPEN,
+                    pid,
+                    fd: 3,
+                    conn_id,
+                    ..Default::default()
+                },
+                role: role::CLIENT,
+                ..Default::default()
+            });
+        }
+        assert_eq!(table.vanished_processes(), vec![gone]);
+        table.exit(gone);
+        assert_eq!(table.len(), 1);
+        assert!(table.vanished_processes().is_empty());
+    }
 
     #[test]
     fn tuple_to_addresses() {

@@ -174,6 +174,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     probes.poll_logger();
                     let kernel = probes.counters();
                     let refresh = ticks % 1000 == 10;
+                    if refresh {
+                        pipeline.sweep();
+                    }
                     publish(&metrics, &probes, &pipeline, &kernel, cli.all, refresh);
                     if !status_every.is_zero() && last_status.elapsed() >= status_every {
                         last_status = tokio::time::Instant::now();

@@ -4,7 +4,7 @@
 //! next, so no stage needs locks; export queues without waiting.
 use std::{collections::HashMap, io::Write, sync::Arc};
 
-use log::warn;
+use log::{debug, warn};
 use opentelemetry::trace::SpanKind;
 
 use crate::{
@@ -123,20 +123,37 @@ impl<W: Write> Pipeline<W> {
                 }
             }
             RawEvent::Exit(header) => {
-                for id in self.conns.ids_of(header.pid) {
-                    self.assembler.close(id, &mut self.records);
-                    self.drain_records();
-                    self.streams.close(id, &mut self.segments);
-                    self.drain_segments();
-                    self.protocols.close(id, &mut self.exchanges);
-                    self.drain_exchanges();
-                }
-                self.conns.exit(header.pid);
+                self.forget_process(header.pid);
                 if let Some(dump) = self.dump.as_mut() {
                     let result = dump.exit(header.pid, header.ts_ns);
                     self.stats.dump_errors += u64::from(result.is_err());
                 }
             }
+        }
+    }
+
+    /// Releases a process's connections from every stage, finishing what they hold.
+    fn forget_process(&mut self, pid: u32) {
+        for id in self.conns.ids_of(pid) {
+            self.assembler.close(id, &mut self.records);
+            self.drain_records();
+            self.streams.close(id, &mut self.segments);
+            self.drain_segments();
+            self.protocols.close(id, &mut self.exchanges);
+            self.drain_exchanges();
+        }
+        self.conns.exit(pid);
+    }
+
+    /// Releases the state of processes that are gone although their EXIT event never came
+    /// (lost to a full ring buffer). Call it now and then: it checks /proc.
+    pub fn sweep(&mut self) {
+        let vanished = self.conns.vanished_processes();
+        if !vanished.is_empty() {
+            debug!("releasing {} processes that exited unseen", vanished.len());
+        }
+        for pid in vanished {
+            self.forget_process(pid);
         }
     }
 
