@@ -2,6 +2,7 @@
 //! The `tracer-agent` binary (main.rs) wires them to the kernel probes; benchmarks and fuzz
 //! targets drive them directly.
 pub mod capture;
+pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod conntrack;

@@ -15,6 +15,8 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
 
+use crate::cgroup::ContainerInfo;
+
 /// What the agent knows about one process, read once from /proc.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessInfo {
@@ -27,6 +29,8 @@ pub struct ProcessInfo {
     /// Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it names
     /// this process instance uniquely.
     pub start_ticks: u64,
+    /// Container and pod, from /proc/PID/cgroup.
+    pub container: ContainerInfo,
 }
 
 impl ProcessInfo {
@@ -67,6 +71,7 @@ impl ProcessInfo {
             cmdline,
             otel_env,
             start_ticks,
+            container: crate::cgroup::read(pid),
         }
     }
 }
@@ -229,6 +234,12 @@ impl ResourceBuilder {
             set("process.executable.path", info.exe_path.clone().into());
         }
         set("host.name", self.host_name.clone().into());
+        if let Some(id) = &info.container.container_id {
+            set("container.id", id.clone().into());
+        }
+        if let Some(uid) = &info.container.pod_uid {
+            set("k8s.pod.uid", uid.clone().into());
+        }
         set("telemetry.sdk.name", "tracer-agent".into());
         set("telemetry.sdk.version", env!("CARGO_PKG_VERSION").into());
         if let Some(lang) = language(&info.exe_name) {
@@ -325,6 +336,21 @@ mod tests {
         let r = builder.build(&p);
         assert_eq!(attr(&r, "service.name").as_deref(), Some("from-attrs"));
         assert_eq!(attr(&r, "team").as_deref(), Some("a,b"));
+
+        p.container = crate::cgroup::parse(
+            "0::/kubepods.slice/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod1a2b3c4d_5e6f_7a8b_9c0d_1e2f3a4b5c6d.slice/\
+             cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n",
+        );
+        let r = builder.build(&p);
+        assert_eq!(
+            attr(&r, "container.id").as_deref(),
+            Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(
+            attr(&r, "k8s.pod.uid").as_deref(),
+            Some("1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d")
+        );
 
         p.otel_env
             .insert("OTEL_SERVICE_NAME".into(), "from-process".into());

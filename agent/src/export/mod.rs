@@ -10,7 +10,8 @@
 //!   counts;
 //! * [`Exporter`], the task's side: [`Exporter::start`] and [`Exporter::shutdown`].
 //!
-//! The other files: `worker.rs` batches, retries and shuts down; `otlp.rs` talks to a collector
+//! The other files: `worker.rs` batches, retries and shuts down; `otlp_http.rs` POSTs
+//! http/protobuf requests that `encode.rs` writes straight from the spans; `otlp.rs` talks gRPC
 //! through opentelemetry-otlp; `console.rs` prints trace trees; `jsonl.rs` writes OTLP/JSON.
 //!
 //! # Queue bound
@@ -24,15 +25,18 @@
 //! `OTEL_EXPORTER_OTLP_{TRACES_,}PROTOCOL` (opentelemetry-otlp ignores it once a transport is
 //! chosen); `OTEL_EXPORTER_OTLP_{TRACES_,}COMPRESSION` (to make gzip the default); and
 //! `OTEL_EXPORTER_OTLP_{TRACES_,}ENDPOINT` are checked for a usable `http://` URL.
-//! Read by opentelemetry-otlp when the exporter is built: the endpoints (when no endpoint is
-//! given), `OTEL_EXPORTER_OTLP_{TRACES_,}HEADERS` (gRPC metadata or HTTP headers) and
+//! Read when the exporter is built (by opentelemetry-otlp for gRPC, by `otlp_http.rs` the same
+//! way for http/protobuf): the endpoints (when no endpoint is given),
+//! `OTEL_EXPORTER_OTLP_{TRACES_,}HEADERS` (gRPC metadata or HTTP headers) and
 //! `OTEL_EXPORTER_OTLP_{TRACES_,}TIMEOUT` (milliseconds, per request, default 10 s).
 //! `OTEL_EXPORTER_OTLP_INSECURE` changes nothing: endpoints must say `http://` (no TLS in this
 //! build).
 
 mod console;
+mod encode;
 mod jsonl;
 mod otlp;
+mod otlp_http;
 mod worker;
 
 use std::path::PathBuf;
@@ -48,6 +52,7 @@ use tokio::task::JoinHandle;
 use crate::metrics::{Metrics, SpanDrop};
 
 pub use console::{ConsoleConfig, TraceTrees, render_trace};
+pub use encode::TraceEncoder;
 pub use jsonl::encode_request;
 
 /// `OTEL_BSP_MAX_QUEUE_SIZE`: spans the exporter may hold.
@@ -70,6 +75,14 @@ pub const OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_TRAC
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 /// Full URL of the collector's trace endpoint; wins over [`OTEL_EXPORTER_OTLP_ENDPOINT`].
 pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+/// `key=value,...` (values percent-encoded): headers sent with every request, for every signal.
+pub const OTEL_EXPORTER_OTLP_HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
+/// Like [`OTEL_EXPORTER_OTLP_HEADERS`], for traces; wins over it.
+pub const OTEL_EXPORTER_OTLP_TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
+/// Milliseconds one request may take (default 10 s), for every signal.
+pub const OTEL_EXPORTER_OTLP_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
+/// Like [`OTEL_EXPORTER_OTLP_TIMEOUT`], for traces; wins over it.
+pub const OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
 
 /// One finished span and the process it describes.
 #[derive(Clone, Debug)]
@@ -130,7 +143,7 @@ impl ExporterKind {
 pub enum OtlpProtocol {
     /// OTLP/gRPC (tonic), usually port 4317.
     Grpc,
-    /// OTLP/HTTP with protobuf bodies (hyper), usually port 4318.
+    /// OTLP/HTTP with protobuf bodies (our encoder, hyper), usually port 4318.
     HttpProtobuf,
 }
 
@@ -361,7 +374,7 @@ pub enum ExportError {
         /// What is wrong and what to pass instead.
         reason: String,
     },
-    /// opentelemetry-otlp refused its configuration (endpoint, headers, ...).
+    /// opentelemetry-otlp refused its configuration (gRPC: endpoint, headers, ...).
     #[error(
         "cannot set up the OTLP exporter: {error}; check the endpoint and the \
          OTEL_EXPORTER_OTLP_* variables"
@@ -500,7 +513,8 @@ impl Exporter {
             });
         }
         config.max_batch = config.max_batch.min(config.queue_size);
-        // The tonic channel spawns its worker while being built: enter the runtime for it.
+        // The tonic channel spawns its worker while being built, and the HTTP client's pool
+        // takes the runtime's timer: enter the runtime for them.
         let sink = {
             let _entered = runtime.enter();
             worker::Sink::open(&config)?

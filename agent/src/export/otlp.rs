@@ -1,5 +1,5 @@
-//! The OTLP sink: opentelemetry-otlp's `SpanExporter` over gRPC (tonic) or HTTP/protobuf
-//! (hyper), gzip by default.
+//! The OTLP/gRPC sink: opentelemetry-otlp's `SpanExporter` over tonic, gzip by default. (HTTP/
+//! protobuf has its own sink, `otlp_http.rs`; the endpoint checks here serve both.)
 //!
 //! Resources: opentelemetry-otlp's exporter carries one resource at a time (`set_resource`), and
 //! each traced process has its own. So each batch is grouped by process and every group goes out
@@ -15,8 +15,7 @@ use std::collections::VecDeque;
 
 use hyper::Uri;
 use opentelemetry_otlp::{
-    Compression, Protocol, RetryPolicy, SpanExporter, WithExportConfig as _, WithHttpConfig as _,
-    WithTonicConfig as _,
+    Compression, RetryPolicy, SpanExporter, WithExportConfig as _, WithTonicConfig as _,
 };
 use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::SpanExporter as _;
@@ -25,7 +24,7 @@ use super::worker::{ResourceGroup, SinkError};
 use super::{ExportError, OtlpCompression, OtlpProtocol, Shared};
 
 /// Path of the traces endpoint on an OTLP/HTTP collector.
-const HTTP_TRACES_PATH: &str = "/v1/traces";
+pub(super) const HTTP_TRACES_PATH: &str = "/v1/traces";
 
 /// Checks that `endpoint` (from `origin`, an option or variable name) is an `http://` URL with a
 /// host. TLS is not built in, so `https://` is refused here rather than failing on every export.
@@ -70,9 +69,9 @@ pub(super) fn check_endpoint(endpoint: &str, origin: &str) -> Result<Uri, Export
     Ok(uri)
 }
 
-/// The URL to give opentelemetry-otlp for an endpoint passed as an option: a base URL gets
-/// `/v1/traces` for HTTP, as `OTEL_EXPORTER_OTLP_ENDPOINT` would.
-fn endpoint_url(protocol: OtlpProtocol, endpoint: &str) -> Result<String, ExportError> {
+/// The URL for an endpoint passed as an option: a base URL (no path) gets `/v1/traces` for
+/// HTTP, as `OTEL_EXPORTER_OTLP_ENDPOINT` would.
+pub(super) fn endpoint_url(protocol: OtlpProtocol, endpoint: &str) -> Result<String, ExportError> {
     let uri = check_endpoint(endpoint, "the OTLP endpoint option")?;
     let endpoint = endpoint.trim();
     Ok(match protocol {
@@ -98,43 +97,26 @@ impl std::fmt::Debug for OtlpSink {
 }
 
 impl OtlpSink {
-    /// Builds the exporter. With `endpoint` None, opentelemetry-otlp reads the endpoint
+    /// Builds the gRPC exporter. With `endpoint` None, opentelemetry-otlp reads the endpoint
     /// variables; headers and the request timeout always come from its variables.
-    pub fn build(
-        protocol: OtlpProtocol,
+    pub fn build_grpc(
         endpoint: Option<&str>,
         compression: OtlpCompression,
     ) -> Result<Self, ExportError> {
-        let endpoint = endpoint.map(|e| endpoint_url(protocol, e)).transpose()?;
-        let built = match protocol {
-            OtlpProtocol::Grpc => {
-                let mut builder = SpanExporter::builder()
-                    .with_tonic()
-                    .with_retry_policy(RetryPolicy::disabled());
-                if let Some(endpoint) = endpoint {
-                    builder = builder.with_endpoint(endpoint);
-                }
-                // Uncompressed: leave it to the variables, which say "none" in that case.
-                if compression == OtlpCompression::Gzip {
-                    builder = builder.with_compression(Compression::Gzip);
-                }
-                builder.build()
-            }
-            OtlpProtocol::HttpProtobuf => {
-                // Explicit, so an OTEL_EXPORTER_OTLP_PROTOCOL=grpc cannot contradict the option.
-                let mut builder = SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(Protocol::HttpBinary)
-                    .with_retry_policy(RetryPolicy::disabled());
-                if let Some(endpoint) = endpoint {
-                    builder = builder.with_endpoint(endpoint);
-                }
-                if compression == OtlpCompression::Gzip {
-                    builder = builder.with_compression(Compression::Gzip);
-                }
-                builder.build()
-            }
-        };
+        let endpoint = endpoint
+            .map(|e| endpoint_url(OtlpProtocol::Grpc, e))
+            .transpose()?;
+        let mut builder = SpanExporter::builder()
+            .with_tonic()
+            .with_retry_policy(RetryPolicy::disabled());
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        // Uncompressed: leave it to the variables, which say "none" in that case.
+        if compression == OtlpCompression::Gzip {
+            builder = builder.with_compression(Compression::Gzip);
+        }
+        let built = builder.build();
         let exporter = built.map_err(|error| ExportError::OtlpSetup { error })?;
         Ok(Self {
             exporter,
@@ -169,13 +151,13 @@ impl OtlpSink {
     }
 }
 
-/// Whether a failed request is worth retrying, following the OTLP specification: HTTP 429, 502,
-/// 503, 504 and network errors are; gRPC CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-/// ABORTED, OUT_OF_RANGE, UNAVAILABLE and DATA_LOSS are; any other answer is final.
+/// Whether a failed request is worth retrying, following the OTLP specification: gRPC
+/// CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE and
+/// DATA_LOSS are; any other answer is final.
 ///
 /// opentelemetry-otlp reports failures only as text (`OTelSdkError::InternalFailure`), so the
-/// status is read from its messages ("... gRPC code: Unavailable ...", "... status code: 400");
-/// a message in another shape counts as transient, so a wording change costs retries, not data.
+/// status is read from its messages ("... gRPC code: Unavailable ..."); a message in another
+/// shape (a transport error) counts as transient, so a wording change costs retries, not data.
 fn classify(error: OTelSdkError) -> SinkError {
     let message = error.to_string();
     let permanent = match &error {
@@ -200,12 +182,7 @@ fn is_permanent_failure(text: &str) -> bool {
                 | "DataLoss"
         );
     }
-    if let Some(rest) = text.split("status code: ").nth(1) {
-        let code: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        return !matches!(code.as_str(), "429" | "502" | "503" | "504");
-    }
-    // The request body exceeds the size limit: the same batch would exceed it again.
-    text.contains("exceeding the configured limit")
+    false
 }
 
 #[cfg(test)]
@@ -231,11 +208,7 @@ mod tests {
                 "TonicTracesClient export failed with gRPC code: ResourceExhausted",
                 false,
             ),
-            ("HTTP export failed with status code: 503", false),
-            ("HTTP export failed with status code: 429", false),
-            ("HTTP export failed with status code: 400", true),
-            ("HTTP export failed with status code: 500", true),
-            ("HTTP export failed: network error", false),
+            ("TonicTracesClient export failed: transport error", false),
             ("something new", false),
         ] {
             assert_eq!(is_permanent_failure(text), permanent, "{text}");

@@ -19,8 +19,12 @@ use tokio::time::{Instant, sleep_until};
 use super::console::ConsoleSink;
 use super::jsonl::JsonlSink;
 use super::otlp::OtlpSink;
-use super::{ExportConfig, ExportError, ExportItem, ExporterKind, Shared};
+use super::otlp_http::HttpSink;
+use super::{ExportConfig, ExportError, ExportItem, ExporterKind, OtlpProtocol, Shared};
 use crate::metrics::SpanDrop;
+
+/// Spans of a batch allocated for before they arrive, at most.
+const MAX_BATCH_RESERVE: usize = 4_096;
 
 /// The spans of one process within a batch: one OTLP request, one `ResourceSpans`.
 #[derive(Debug)]
@@ -34,15 +38,36 @@ pub(super) struct ResourceGroup {
 pub(super) fn group_by_resource(batch: Vec<ExportItem>) -> VecDeque<ResourceGroup> {
     let mut index: HashMap<u64, usize> = HashMap::new();
     let mut groups: VecDeque<ResourceGroup> = VecDeque::new();
-    for item in batch {
-        let slot = *index.entry(item.resource_id).or_insert_with(|| {
-            groups.push_back(ResourceGroup {
-                resource_id: item.resource_id,
-                resource: Arc::clone(&item.resource),
-                spans: Vec::new(),
-            });
-            groups.len() - 1
-        });
+    // Each item's group, found first so every group's spans are allocated once (spans are
+    // large; growing by doubling would copy them again and again).
+    let mut slots = Vec::with_capacity(batch.len());
+    let mut counts: Vec<usize> = Vec::new();
+    // Consecutive spans usually come from the same process: skip the hash then.
+    let mut last: Option<(u64, usize)> = None;
+    for item in &batch {
+        let slot = match last {
+            Some((id, slot)) if id == item.resource_id => slot,
+            _ => {
+                let slot = *index.entry(item.resource_id).or_insert_with(|| {
+                    groups.push_back(ResourceGroup {
+                        resource_id: item.resource_id,
+                        resource: Arc::clone(&item.resource),
+                        spans: Vec::new(),
+                    });
+                    counts.push(0);
+                    groups.len() - 1
+                });
+                last = Some((item.resource_id, slot));
+                slot
+            }
+        };
+        counts[slot] += 1;
+        slots.push(slot);
+    }
+    for (group, count) in groups.iter_mut().zip(counts) {
+        group.spans.reserve_exact(count);
+    }
+    for (item, slot) in batch.into_iter().zip(slots) {
         groups[slot].spans.push(item.span);
     }
     groups
@@ -69,7 +94,10 @@ impl std::fmt::Display for SinkError {
 /// Where batches go.
 #[derive(Debug)]
 pub(super) enum Sink {
+    /// OTLP/gRPC through opentelemetry-otlp.
     Otlp(OtlpSink),
+    /// OTLP http/protobuf, our encoder and client. Boxed: by far the largest sink.
+    OtlpHttp(Box<HttpSink>),
     Console(ConsoleSink),
     Jsonl(JsonlSink),
 }
@@ -78,11 +106,18 @@ impl Sink {
     /// Builds the destination; must run inside the tokio runtime.
     pub fn open(config: &ExportConfig) -> Result<Self, ExportError> {
         Ok(match &config.kind {
-            ExporterKind::Otlp { protocol, endpoint } => Self::Otlp(OtlpSink::build(
-                protocol.unwrap_or(super::OtlpProtocol::HttpProtobuf),
-                endpoint.as_deref(),
-                config.compression,
-            )?),
+            ExporterKind::Otlp { protocol, endpoint } => {
+                match protocol.unwrap_or(OtlpProtocol::HttpProtobuf) {
+                    OtlpProtocol::Grpc => Self::Otlp(OtlpSink::build_grpc(
+                        endpoint.as_deref(),
+                        config.compression,
+                    )?),
+                    OtlpProtocol::HttpProtobuf => Self::OtlpHttp(Box::new(HttpSink::build(
+                        endpoint.as_deref(),
+                        config.compression,
+                    )?)),
+                }
+            }
             ExporterKind::Console => Self::Console(ConsoleSink::stdout(config.console.clone())),
             ExporterKind::Jsonl { path } => Self::Jsonl(JsonlSink::open(path.as_deref())?),
         })
@@ -97,6 +132,7 @@ impl Sink {
     ) -> Result<(), SinkError> {
         match self {
             Self::Otlp(sink) => sink.export(groups, shared).await,
+            Self::OtlpHttp(sink) => sink.export(groups, shared).await,
             Self::Console(sink) => sink.export(groups, shared).await,
             Self::Jsonl(sink) => sink.export(groups, shared).await,
         }
@@ -106,7 +142,16 @@ impl Sink {
     fn next_wake(&self) -> Option<Instant> {
         match self {
             Self::Console(sink) => sink.next_wake(),
-            Self::Otlp(_) | Self::Jsonl(_) => None,
+            Self::Otlp(_) | Self::OtlpHttp(_) | Self::Jsonl(_) => None,
+        }
+    }
+
+    /// How long the destination asked to be left alone after the last failure (HTTP
+    /// `Retry-After`), taken.
+    fn take_retry_after(&mut self) -> Option<Duration> {
+        match self {
+            Self::OtlpHttp(sink) => sink.take_retry_after(),
+            Self::Otlp(_) | Self::Console(_) | Self::Jsonl(_) => None,
         }
     }
 
@@ -120,6 +165,7 @@ impl Sink {
     async fn finish(&mut self) {
         match self {
             Self::Otlp(sink) => sink.finish(),
+            Self::OtlpHttp(sink) => sink.finish(),
             Self::Console(sink) => sink.finish().await,
             Self::Jsonl(sink) => sink.finish().await,
         }
@@ -214,7 +260,9 @@ impl Worker {
     /// `schedule_delay`, or whatever is left when stopping. Empty only when closed.
     async fn next_batch(&mut self) -> Vec<ExportItem> {
         let max = self.config.max_batch;
-        let mut batch = Vec::new();
+        // Room for a full batch up front (bounded: a huge max_batch should not reserve memory
+        // for spans that may never come); spans are large, so growing by doubling costs.
+        let mut batch = Vec::with_capacity(max.min(MAX_BATCH_RESERVE));
         let mut flush_at: Option<Instant> = None;
         loop {
             // Take what is already queued without waiting (a backlog after an outage).
@@ -303,6 +351,8 @@ impl Worker {
                 self.shared.dropped(SpanDrop::ExportFailed, pending);
                 return;
             }
+            // Asked for by the destination (Retry-After): that wait instead of our backoff.
+            let delay = self.sink.take_retry_after().unwrap_or(backoff);
             let now = Instant::now();
             let started = *first_failure.get_or_insert(now);
             let give_up_at = started + retry.give_up_after;
@@ -317,16 +367,16 @@ impl Worker {
             if !self.failing {
                 self.failing = true;
                 log::warn!(
-                    "export failed: {error}; retrying with backoff (first in {backoff:?}, at most \
+                    "export failed: {error}; retrying with backoff (first in {delay:?}, at most \
                      {:?} apart, for {:?}); up to {} spans wait meanwhile",
                     retry.max_backoff,
                     retry.give_up_after,
                     self.config.queue_size
                 );
             } else {
-                log::debug!("export failed again: {error}; next try in {backoff:?}");
+                log::debug!("export failed again: {error}; next try in {delay:?}");
             }
-            let mut wake = (now + backoff).min(give_up_at);
+            let mut wake = (now + delay).min(give_up_at);
             if let Some(deadline) = self.deadline {
                 wake = wake.min(deadline);
             }
