@@ -144,7 +144,8 @@ impl EncodeLabelSet for UserspaceEventLoss {
 /// `tracer_userspace_lost_bytes_total`. Counted in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UserspaceByteLoss {
-    /// `streams`/`gap`: bytes missing from a stream, skipped over.
+    /// `streams`/`gap`: bytes lost in capture (ring buffer full, ...), skipped over. Tails the
+    /// capture limit or sendfile left out are not counted here.
     StreamGap,
     /// `streams`/`overflow`: bytes discarded because the reassembly buffer was full.
     StreamOverflow,
@@ -348,7 +349,8 @@ impl Metrics {
         registry.register(
             "userspace_lost_bytes",
             "Stream bytes the agent could not deliver in order, by stage and reason \
-             (streams/gap: missing bytes skipped over; streams/overflow: discarded because the \
+             (streams/gap: bytes lost in capture and skipped over, not counting the uncaptured \
+             tails in tracer_bytes_not_captured_total; streams/overflow: discarded because the \
              reassembly buffer was full; streams/duplicate: bytes seen twice, copy discarded)",
             userspace_lost_bytes.clone(),
         );

@@ -273,7 +273,11 @@ impl<W: Write> Pipeline<W> {
             metrics.observe_total(&metrics.userspace_lost_events(loss), total);
         }
         for (loss, total) in [
-            (UserspaceByteLoss::StreamGap, streams.gap_bytes),
+            // Truncated tails are not lost by us: tracer_bytes_not_captured_total has them.
+            (
+                UserspaceByteLoss::StreamGap,
+                streams.gap_bytes.saturating_sub(streams.truncated_bytes),
+            ),
             (UserspaceByteLoss::StreamOverflow, streams.overflow_bytes),
             (UserspaceByteLoss::StreamDuplicate, streams.duplicate_bytes),
         ] {

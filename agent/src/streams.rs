@@ -82,6 +82,10 @@ impl Default for StreamLimits {
 pub struct StreamStats {
     /// Bytes declared missing (truncation + holes never filled).
     pub gap_bytes: u64,
+    /// The part of `gap_bytes` that was known missing from the start: syscalls whose tail was
+    /// not captured (capture limit, sendfile). Not a loss of the agent's; the rest of
+    /// `gap_bytes` is.
+    pub truncated_bytes: u64,
     /// Number of gaps declared.
     pub gaps: u64,
     /// Captured bytes dropped because their position was already delivered.
@@ -231,6 +235,7 @@ impl DirState {
         // bytes were not captured instead of waiting for the next syscall.
         let tail = end - self.expected;
         self.declare_gap(tail, stats);
+        stats.truncated_bytes = stats.truncated_bytes.saturating_add(tail);
         self.expected = end;
         if tail > 0 {
             out.push(Segment {
@@ -635,6 +640,7 @@ mod tests {
             ],
             stats: StreamStats {
                 gap_bytes: 3,
+                truncated_bytes: 3,
                 gaps: 1,
                 ..Default::default()
             },
@@ -661,6 +667,7 @@ mod tests {
             ],
             stats: StreamStats {
                 gap_bytes: 4,
+                truncated_bytes: 4,
                 gaps: 1,
                 ..Default::default()
             },
@@ -981,6 +988,7 @@ mod tests {
             ],
             stats: StreamStats {
                 gap_bytes: u64::MAX - 6,
+                truncated_bytes: u64::MAX - 6,
                 gaps: 1,
                 duplicate_bytes: 1,
                 ..Default::default()
