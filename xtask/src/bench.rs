@@ -7,19 +7,34 @@
 //!    the floor does: the table gives the ratio of the two extra costs.
 //! B. A traced echo server answers round trips over loopback, with no agent and with the agent
 //!    tracing it: throughput, the agent's CPU time and its peak RSS.
+//! C. nginx (master + one worker, from a generated configuration in a temporary directory)
+//!    serves a small static file to wrk over loopback keep-alive connections, saturated: with
+//!    no agent, with the agent tracing another, idle process, and with the agent tracing nginx
+//!    and exporting every span over OTLP/HTTP to a local sink. Requests/s, latency
+//!    percentiles, the agent's CPU per request, its peak RSS, spans exported per request and
+//!    losses. Both with `sendfile off` (the body goes through write(), so it is captured) and
+//!    `sendfile on` (nginx's usual setting; the body is not copied, only counted).
+//! D. The userspace pipeline alone (`cargo bench -p tracer-agent --bench pipeline`): ns per
+//!    HTTP exchange from ring buffer records to a queued span, and to an exported one.
 //!
 //! The machine is shared and noisy, so configurations are interleaved round by round and the
 //! table gives medians (with the range over rounds where it matters). Every process the bench
 //! starts is a child held by a guard that stops it on any exit path; the workloads run in
 //! children too (hidden `worker-*` subcommands of this binary), so none of them is the bench.
+//! nginx, which cannot watch its stdin, also gets SIGTERM should the bench itself die.
 use std::{
     cell::Cell,
+    collections::BTreeMap,
     fs::File,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
-    sync::{Arc, Barrier, Mutex},
+    sync::{
+        Arc, Barrier, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -47,6 +62,27 @@ const WRITE_SIZE: usize = 64;
 const CHUNKS: u64 = 10;
 /// Longest the whole run waits for other agents (end-to-end tests) to exit.
 const QUIET_BUDGET: Duration = Duration::from_secs(60);
+/// Part C load. On 2 cores, nginx's single worker (one event loop) is the bottleneck at
+/// about one core, and wrk's one thread takes most of the other: 32 keep-alive connections
+/// keep that worker busy without queueing so much that latency is all queueing. More wrk
+/// threads or nginx workers only fight over the same two cores (measured: no more requests/s)
+/// and leave the agent nothing, which would measure the scheduler rather than the agent.
+const NGINX_WORKERS: u32 = 1;
+const WRK_THREADS: u32 = 1;
+const WRK_CONNECTIONS: u32 = 32;
+/// Seconds of each wrk run (`--quick`: `WRK_SECONDS_QUICK`).
+const WRK_SECONDS: u64 = 5;
+const WRK_SECONDS_QUICK: u64 = 2;
+/// The static file nginx serves.
+const NGINX_FILE_BYTES: usize = 512;
+const NGINX_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// wrk still running this long after its own duration is hung.
+const WRK_GRACE: Duration = Duration::from_secs(30);
+/// Longest wait, after a traced run, for the agent to export what it built (the batch delay
+/// is 1 s by default).
+const EXPORT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Part D's run (100,000 exchanges take well under a minute).
+const PIPELINE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -54,7 +90,8 @@ pub struct BenchArgs {
     /// medians over rounds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
     rounds: u32,
-    /// About a fifth of the default counts: a rough figure in well under a minute.
+    /// About a fifth of the default counts and shorter wrk runs: a rough figure in about a
+    /// minute and a half.
     #[arg(long)]
     quick: bool,
     #[command(subcommand)]
@@ -93,14 +130,18 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the agent loads eBPF probes: run `sudo -E cargo xtask bench`");
     }
-    setup::build_deps()?;
+    setup::bench_deps()?;
     crate::build_agent(true)?;
+    // Built now, from the same sources as the agent (others may edit them during the run);
+    // a failure is reported in part D's place rather than stopping the bench.
+    let pipeline_exe = build_pipeline_bench();
     let started = Instant::now();
     let load_before = Load::now();
+    let counts = Counts::new(args.quick);
     let bench = Bench {
         agent_bin: root.join("target/release/tracer-agent"),
         exe: std::env::current_exe().context("locating the xtask binary")?,
-        counts: Counts::new(args.quick),
+        counts,
         quiet_budget: Cell::new(QUIET_BUDGET),
     };
     ensure!(
@@ -114,7 +155,26 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             .args(["bench", "worker-idle"])
             .stdin(Stdio::piped()),
     )?;
-    let mut samples = Samples::default();
+    let nginx = Nginx::start()?;
+    let sink = OtlpSink::start()?;
+    progress(&format!(
+        "nginx {} (master pid {}) on port {}; OTLP sink at {}",
+        nginx.version,
+        nginx.proc.pid(),
+        nginx.port,
+        sink.url()
+    ));
+    // Warm nginx up (first requests open files, fault pages in) outside any measurement.
+    bench.wrk(&nginx.url(BodyPath::Write), 1)?;
+    let targets = Targets {
+        idle_pid: idle.pid(),
+        nginx: &nginx,
+        sink: &sink,
+    };
+    let mut samples = Samples {
+        nginx_version: nginx.version.clone(),
+        ..Samples::default()
+    };
     for round in 0..args.rounds {
         // Rotating the order spreads any drift of the machine over every configuration.
         let mut order = Config::ALL;
@@ -127,17 +187,33 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 config.describe()
             ));
             bench
-                .run_config(config, idle.pid(), &mut samples)
+                .run_config(config, &targets, &mut samples)
                 .with_context(|| format!("round {}, {}", round + 1, config.describe()))?;
         }
     }
+    samples.nginx_sink_requests = sink.requests.load(Ordering::Relaxed);
+    drop(nginx);
     drop(idle);
+    progress("part D: the pipeline bench");
+    // A failure here (say, the agent did not build) should not throw away the figures above:
+    // it is reported in their place.
+    let pipeline = pipeline_exe
+        .and_then(|exe| run_pipeline_bench(root, &exe, args.quick))
+        .unwrap_or_else(|err| format!("failed: {err:#}"));
+    progress(&format!("  {pipeline}"));
     let elapsed = started.elapsed();
     progress(&format!("done in {elapsed:.0?}"));
     let load = load_before.describe(&Load::now(), elapsed);
     print!(
         "{}",
-        report(&bench.counts, &samples, args.rounds, elapsed, &load)
+        report(
+            &bench.counts,
+            &samples,
+            &pipeline,
+            args.rounds,
+            elapsed,
+            &load
+        )
     );
     Ok(())
 }
@@ -150,6 +226,7 @@ struct Counts {
     dev_null_writes: u64,
     tcp_messages: u64,
     echo_round_trips: u64,
+    wrk_seconds: u64,
 }
 
 impl Counts {
@@ -159,6 +236,11 @@ impl Counts {
             dev_null_writes: 2_000_000 / divisor,
             tcp_messages: 200_000 / divisor,
             echo_round_trips: 50_000 / divisor,
+            wrk_seconds: if quick {
+                WRK_SECONDS_QUICK
+            } else {
+                WRK_SECONDS
+            },
         }
     }
 }
@@ -169,14 +251,16 @@ enum Config {
     Floor,
     AgentIdle,
     AgentServer,
+    AgentNginx,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [
+    const ALL: [Config; 5] = [
         Config::NoAgent,
         Config::Floor,
         Config::AgentIdle,
         Config::AgentServer,
+        Config::AgentNginx,
     ];
 
     fn describe(self) -> &'static str {
@@ -185,8 +269,16 @@ impl Config {
             Config::Floor => "agent --probe-floor (tracing an idle process)",
             Config::AgentIdle => "agent tracing an idle process",
             Config::AgentServer => "agent tracing the echo server",
+            Config::AgentNginx => "agent tracing nginx, exporting OTLP",
         }
     }
+}
+
+/// What the configurations run against, started once for the whole run.
+struct Targets<'a> {
+    idle_pid: u32,
+    nginx: &'a Nginx,
+    sink: &'a OtlpSink,
 }
 
 /// Part A's three configurations, as indexes into `Samples`.
@@ -196,6 +288,44 @@ const A_AGENT: usize = 2;
 /// Part B's two configurations.
 const B_NONE: usize = 0;
 const B_TRACED: usize = 1;
+/// Part C's three configurations.
+const C_NONE: usize = 0;
+const C_IDLE: usize = 1;
+const C_TRACED: usize = 2;
+const C_CONFIGS: [&str; 3] = [
+    "no agent",
+    "agent tracing an idle process",
+    "agent tracing nginx, OTLP export",
+];
+
+/// How nginx sends the response body in part C.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyPath {
+    /// `sendfile off`: nginx reads the file and write()s it, so the agent captures the body.
+    Write,
+    /// `sendfile on` (nginx's usual setting): headers are written, the body goes by
+    /// sendfile(), which the agent counts without copying.
+    Sendfile,
+}
+
+impl BodyPath {
+    const ALL: [BodyPath; 2] = [BodyPath::Write, BodyPath::Sendfile];
+
+    fn describe(self) -> &'static str {
+        match self {
+            BodyPath::Write => "sendfile off (body by write)",
+            BodyPath::Sendfile => "sendfile on",
+        }
+    }
+
+    /// nginx location with that setting (see `Nginx::config`).
+    fn location(self) -> &'static str {
+        match self {
+            BodyPath::Write => "/sendfile-off/",
+            BodyPath::Sendfile => "/sendfile-on/",
+        }
+    }
+}
 
 /// One value per round for each figure.
 #[derive(Default)]
@@ -215,6 +345,45 @@ struct Samples {
     /// Workload runs during which some other tracer-agent was running: its probes fire on
     /// the same tracepoints and inflate every configuration.
     disturbed_runs: u32,
+    nginx_version: String,
+    /// Part C, by body path then configuration.
+    nginx: [[WrkSamples; 3]; 2],
+    /// Part C with the agent tracing nginx, by body path.
+    nginx_agent: [TracedSamples; 2],
+    /// Every nonzero series of the agent's loss and error counters over the traced runs, by
+    /// body path: series (name and labels) -> sum over rounds.
+    nginx_losses: [BTreeMap<String, f64>; 2],
+    nginx_peak_rss_kib: u64,
+    /// `tracer_processes_traced` with `--pid <nginx master>`, per round.
+    nginx_processes_traced: Vec<f64>,
+    /// Traced runs after which the agent had not finished exporting in time.
+    nginx_undrained_runs: u32,
+    /// wrk socket errors and non-2xx responses, over every run.
+    nginx_errors: u64,
+    /// OTLP/HTTP requests the sink answered over the whole run.
+    nginx_sink_requests: u64,
+}
+
+/// One value per round of each wrk figure.
+#[derive(Default)]
+struct WrkSamples {
+    rate: Vec<f64>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+    /// utime + stime of nginx's master and workers per 1,000 requests: the probes' kernel
+    /// time is charged to nginx.
+    nginx_cpu_ms_per_1k: Vec<f64>,
+}
+
+/// One value per round of what the agent did for nginx's requests.
+#[derive(Default)]
+struct TracedSamples {
+    cpu_ms_per_1k: Vec<f64>,
+    events_per_request: Vec<f64>,
+    spans_created_per_request: Vec<f64>,
+    spans_exported_per_request: Vec<f64>,
+    /// Compressed OTLP bytes the sink received per exported span.
+    otlp_bytes_per_span: Vec<f64>,
 }
 
 /// ns per operation of one part A workload, by configuration.
@@ -249,10 +418,10 @@ impl Bench {
     fn run_config(
         &self,
         config: Config,
-        idle_pid: u32,
+        targets: &Targets,
         samples: &mut Samples,
     ) -> anyhow::Result<()> {
-        let idle = idle_pid.to_string();
+        let idle = targets.idle_pid.to_string();
         self.wait_for_other_agents();
         match config {
             Config::NoAgent => {
@@ -262,6 +431,8 @@ impl Bench {
                     let rate = self.echo(&server, size, None, samples)?.rate;
                     samples.echo_rate[size_index][B_NONE].push(rate);
                 }
+                drop(server);
+                self.part_c(C_NONE, None, targets, samples)?;
             }
             Config::Floor => {
                 let agent = Agent::start(&self.agent_bin, &["--probe-floor", "--pid", &idle])?;
@@ -272,6 +443,7 @@ impl Bench {
                 let agent = Agent::start(&self.agent_bin, &["--pid", &idle])?;
                 let before = agent.metric("tracer_events_received_total")?;
                 self.part_a(A_AGENT, Some(&agent), samples)?;
+                self.part_c(C_IDLE, Some(&agent), targets, samples)?;
                 samples.untraced_events += agent.metric("tracer_events_received_total")? - before;
                 agent.stop()?;
             }
@@ -289,8 +461,158 @@ impl Bench {
                 samples.peak_rss_kib = samples.peak_rss_kib.max(agent.peak_rss_kib()?);
                 agent.stop()?;
             }
+            Config::AgentNginx => {
+                let agent = Agent::start(
+                    &self.agent_bin,
+                    &[
+                        "--pid",
+                        &targets.nginx.proc.pid().to_string(),
+                        "--exporter",
+                        "otlp",
+                        "--otlp-endpoint",
+                        &targets.sink.url(),
+                    ],
+                )?;
+                // The master and its worker: workers are children, followed from the start.
+                samples
+                    .nginx_processes_traced
+                    .push(agent.metric("tracer_processes_traced")?);
+                self.part_c(C_TRACED, Some(&agent), targets, samples)?;
+                samples.nginx_peak_rss_kib = samples.nginx_peak_rss_kib.max(agent.peak_rss_kib()?);
+                agent.stop()?;
+            }
         }
         Ok(())
+    }
+
+    /// wrk against nginx, for both body paths, under one part C configuration; with the
+    /// agent's CPU time, events and spans around each run when it traces nginx.
+    fn part_c(
+        &self,
+        config: usize,
+        agent: Option<&Agent>,
+        targets: &Targets,
+        samples: &mut Samples,
+    ) -> anyhow::Result<()> {
+        let ours = agent.map(Agent::pid);
+        for (path_index, path) in BodyPath::ALL.into_iter().enumerate() {
+            let traced = agent.filter(|_| config == C_TRACED);
+            let before = traced
+                .map(|agent| AgentCounters::read(agent, targets.sink))
+                .transpose()?;
+            let others = other_agents(ours);
+            let nginx_pid = targets.nginx.proc.pid();
+            let nginx_before = tree_cpu_ticks(nginx_pid)?;
+            let run = self.wrk(&targets.nginx.url(path), self.counts.wrk_seconds)?;
+            let nginx_cpu_ms = (tree_cpu_ticks(nginx_pid)? - nginx_before) as f64 * 1000.0
+                / clock_ticks_per_second();
+            let nginx_cpu_ms_per_1k = nginx_cpu_ms / (run.requests.max(1) as f64 / 1000.0);
+            Self::note_other_agents(ours, &others, samples);
+            samples.nginx_errors += run.errors;
+            let figures = &mut samples.nginx[path_index][config];
+            figures.rate.push(run.rate);
+            figures.p50_us.push(run.p50_us);
+            figures.p99_us.push(run.p99_us);
+            figures.nginx_cpu_ms_per_1k.push(nginx_cpu_ms_per_1k);
+            let mut detail = String::new();
+            if let (Some(agent), Some(before)) = (traced, before) {
+                let (after, drained) = AgentCounters::settle(agent, targets.sink)?;
+                if !drained {
+                    samples.nginx_undrained_runs += 1;
+                }
+                let requests = run.requests.max(1) as f64;
+                let cpu_ms =
+                    (after.cpu_ticks - before.cpu_ticks) as f64 * 1000.0 / clock_ticks_per_second();
+                let exported = after.exported - before.exported;
+                for (series, value) in &after.losses {
+                    let delta = value - before.losses.get(series).copied().unwrap_or(0.0);
+                    if delta != 0.0 {
+                        *samples.nginx_losses[path_index]
+                            .entry(series.clone())
+                            .or_default() += delta;
+                    }
+                }
+                let agent_figures = &mut samples.nginx_agent[path_index];
+                agent_figures
+                    .cpu_ms_per_1k
+                    .push(cpu_ms / (requests / 1000.0));
+                agent_figures
+                    .events_per_request
+                    .push((after.events - before.events) / requests);
+                agent_figures
+                    .spans_created_per_request
+                    .push((after.created - before.created) / requests);
+                agent_figures
+                    .spans_exported_per_request
+                    .push(exported / requests);
+                if exported > 0.0 {
+                    agent_figures
+                        .otlp_bytes_per_span
+                        .push((after.sink_bytes - before.sink_bytes) as f64 / exported);
+                }
+                detail = format!(
+                    ", agent CPU {:.1} ms per 1k, {:.2} events and {:.3} spans exported per \
+                     request{}",
+                    cpu_ms / (requests / 1000.0),
+                    (after.events - before.events) / requests,
+                    exported / requests,
+                    if drained {
+                        ""
+                    } else {
+                        " (export not finished in time)"
+                    }
+                );
+            }
+            progress(&format!(
+                "  nginx {}: {:.0} requests/s, p50 {:.0} us, p99 {:.0} us, nginx CPU {:.1} ms per \
+                 1k{}{detail}",
+                path.describe(),
+                run.rate,
+                run.p50_us,
+                run.p99_us,
+                nginx_cpu_ms_per_1k,
+                if run.errors > 0 {
+                    format!(", {} errors", run.errors)
+                } else {
+                    String::new()
+                }
+            ));
+            if let Some(agent) = agent {
+                agent.check_alive()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One wrk run of `seconds` against `url`, parsed.
+    fn wrk(&self, url: &str, seconds: u64) -> anyhow::Result<WrkRun> {
+        let mut wrk = Proc::spawn(
+            "wrk",
+            Command::new("wrk")
+                .arg(format!("-t{WRK_THREADS}"))
+                .arg(format!("-c{WRK_CONNECTIONS}"))
+                .arg(format!("-d{seconds}s"))
+                .arg("--latency")
+                .arg(url)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )?;
+        // wrk prints a page at the end; the pipes cannot fill before it exits.
+        let limit = Duration::from_secs(seconds) + WRK_GRACE;
+        let status = wrk
+            .wait_timeout(limit)?
+            .ok_or_else(|| anyhow!("wrk still running after {limit:?}"))?;
+        let mut out = String::new();
+        if let Some(mut stdout) = wrk.child.stdout.take() {
+            stdout.read_to_string(&mut out)?;
+        }
+        let mut err = String::new();
+        if let Some(mut stderr) = wrk.child.stderr.take() {
+            stderr.read_to_string(&mut err)?;
+        }
+        ensure!(status.success(), "wrk {url} failed: {status}\n{out}{err}");
+        parse_wrk(&out).with_context(|| format!("parsing wrk's output:\n{out}{err}"))
     }
 
     /// Both untraced small-write workloads under one part A configuration.
@@ -700,18 +1022,7 @@ impl Agent {
 
     /// utime + stime of every thread of the agent, in clock ticks.
     fn cpu_ticks(&self) -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.proc.pid()))?;
-        // The command name may hold spaces and parentheses; fields are counted after its end.
-        let rest = stat.rsplit_once(')').context("odd /proc/PID/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // Fields 14 and 15 of proc(5); `rest` starts at field 3.
-        let ticks = |field: usize| -> anyhow::Result<u64> {
-            Ok(fields
-                .get(field - 3)
-                .context("short /proc/PID/stat")?
-                .parse()?)
-        };
-        Ok(ticks(14)? + ticks(15)?)
+        Ok(proc_stat(self.proc.pid())?.cpu_ticks)
     }
 
     fn peak_rss_kib(&self) -> anyhow::Result<u64> {
@@ -725,16 +1036,14 @@ impl Agent {
 
     /// Sum of every series of one metric (all label sets) from /metrics.
     fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        Ok(sum_metric(&self.metrics_text()?, name))
+    }
+
+    /// The whole /metrics page.
+    fn metrics_text(&self) -> anyhow::Result<String> {
         let (status, body) = http_get(self.addr, "/metrics")?;
         ensure!(status == 200, "/metrics answered {status}");
-        Ok(body
-            .lines()
-            .filter(|line| {
-                line.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(body)
     }
 
     /// SIGTERM, then checks that the agent stopped cleanly.
@@ -749,6 +1058,530 @@ impl Agent {
         progress(&format!("  agent stopped in {:.1?}", started.elapsed()));
         Ok(())
     }
+}
+
+/// What part C reads from /proc/PID/stat.
+struct ProcStat {
+    ppid: u32,
+    /// utime + stime of every thread, in clock ticks.
+    cpu_ticks: u64,
+}
+
+fn proc_stat(pid: u32) -> anyhow::Result<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses; fields are counted after its end.
+    let rest = stat.rsplit_once(')').context("odd /proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields are numbered as in proc(5); `rest` starts at field 3.
+    let field = |field: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(field - 3)
+            .context("short /proc/PID/stat")?
+            .parse()?)
+    };
+    Ok(ProcStat {
+        ppid: field(4)? as u32,
+        cpu_ticks: field(14)? + field(15)?,
+    })
+}
+
+/// CPU ticks of a process and its direct children (nginx's master and workers).
+fn tree_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let mut ticks = proc_stat(pid)?.cpu_ticks;
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(child) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        // Processes may exit while we look.
+        if let Ok(stat) = proc_stat(child)
+            && stat.ppid == pid
+        {
+            ticks += stat.cpu_ticks;
+        }
+    }
+    Ok(ticks)
+}
+
+/// Sum of every series of one metric (all label sets) in a /metrics page.
+fn sum_metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The agent's counters around a part C run, and what the sink received.
+struct AgentCounters {
+    cpu_ticks: u64,
+    events: f64,
+    created: f64,
+    exported: f64,
+    queued: f64,
+    sink_bytes: u64,
+    /// The loss and error series (`LOSS_METRICS`) by name and labels.
+    losses: BTreeMap<String, f64>,
+}
+
+/// Counters that say something was lost, dropped or failed; reported by series when nonzero.
+const LOSS_METRICS: [&str; 8] = [
+    "tracer_kernel_lost_events_total",
+    "tracer_kernel_lost_bytes_total",
+    "tracer_userspace_lost_events_total",
+    "tracer_userspace_lost_bytes_total",
+    "tracer_bytes_not_captured_total",
+    "tracer_parse_errors_total",
+    "tracer_spans_dropped_total",
+    "tracer_export_errors_total",
+];
+
+impl AgentCounters {
+    fn read(agent: &Agent, sink: &OtlpSink) -> anyhow::Result<AgentCounters> {
+        let page = agent.metrics_text()?;
+        Ok(AgentCounters {
+            cpu_ticks: agent.cpu_ticks()?,
+            events: sum_metric(&page, "tracer_events_received_total"),
+            created: sum_metric(&page, "tracer_spans_created_total"),
+            exported: sum_metric(&page, "tracer_spans_exported_total"),
+            queued: sum_metric(&page, "tracer_export_queue_length"),
+            sink_bytes: sink.bytes.load(Ordering::Relaxed),
+            losses: page
+                .lines()
+                .filter(|line| {
+                    LOSS_METRICS.iter().any(|name| {
+                        line.strip_prefix(name)
+                            .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                    })
+                })
+                .filter_map(|line| {
+                    let (series, value) = line.rsplit_once(' ')?;
+                    Some((series.to_owned(), value.parse().ok()?))
+                })
+                .collect(),
+        })
+    }
+
+    /// Waits until the agent has built and exported everything a run produced (its export
+    /// queue empty, span counters still for a poll) and returns the counters then, with
+    /// whether that happened within `EXPORT_DRAIN_TIMEOUT`. The agent's CPU time is read at
+    /// the same moment, so its whole share of the run is counted.
+    fn settle(agent: &Agent, sink: &OtlpSink) -> anyhow::Result<(AgentCounters, bool)> {
+        let deadline = Instant::now() + EXPORT_DRAIN_TIMEOUT;
+        // Metrics are published every 100 ms.
+        thread::sleep(Duration::from_millis(300));
+        let mut last = AgentCounters::read(agent, sink)?;
+        loop {
+            thread::sleep(Duration::from_millis(200));
+            agent.check_alive()?;
+            let now = AgentCounters::read(agent, sink)?;
+            if now.queued == 0.0 && now.created == last.created && now.exported == last.exported {
+                return Ok((now, true));
+            }
+            if Instant::now() >= deadline {
+                return Ok((now, false));
+            }
+            last = now;
+        }
+    }
+}
+
+/// What one wrk run reports.
+#[derive(Debug, PartialEq)]
+struct WrkRun {
+    requests: u64,
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Socket errors (connect, read, write, timeout) and non-2xx/3xx responses.
+    errors: u64,
+}
+
+/// Parses the end-of-run page of `wrk --latency`.
+fn parse_wrk(out: &str) -> anyhow::Result<WrkRun> {
+    let mut requests = None;
+    let mut rate = None;
+    let mut p50_us = None;
+    let mut p99_us = None;
+    let mut errors = 0;
+    for line in out.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        if let Some(value) = line.strip_prefix("Requests/sec:") {
+            rate = Some(value.trim().parse::<f64>()?);
+        } else if line.contains(" requests in ") {
+            requests = Some(words.next().context("empty line")?.parse::<u64>()?);
+        } else if let Some(counts) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            for count in counts.split(',') {
+                let count = count
+                    .split_whitespace()
+                    .nth(1)
+                    .context("odd socket errors")?;
+                errors += count.parse::<u64>()?;
+            }
+        } else if let Some(count) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += count.trim().parse::<u64>()?;
+        } else {
+            match (words.next(), words.next()) {
+                (Some("50%"), Some(time)) => p50_us = Some(wrk_time_us(time)?),
+                (Some("99%"), Some(time)) => p99_us = Some(wrk_time_us(time)?),
+                _ => {}
+            }
+        }
+    }
+    Ok(WrkRun {
+        requests: requests.context("no request count")?,
+        rate: rate.context("no Requests/sec")?,
+        p50_us: p50_us.context("no 50% latency (was --latency given?)")?,
+        p99_us: p99_us.context("no 99% latency")?,
+        errors,
+    })
+}
+
+/// wrk's times: "377.00us", "1.20ms", "2.01s", "1.00m".
+fn wrk_time_us(text: &str) -> anyhow::Result<f64> {
+    let units = [
+        ("us", 1.0),
+        ("ms", 1e3),
+        ("s", 1e6),
+        ("m", 60e6),
+        ("h", 3600e6),
+    ];
+    for (unit, scale) in units {
+        if let Some(number) = text.strip_suffix(unit) {
+            return Ok(number.parse::<f64>()? * scale);
+        }
+    }
+    bail!("{text:?} is not a wrk time")
+}
+
+/// nginx serving a small static file on a free loopback port, from a generated configuration
+/// in a temporary directory (removed with it). Stops with the bench.
+struct Nginx {
+    // Field order: the process stops before its directory goes.
+    proc: Proc,
+    _dir: TempDir,
+    port: u16,
+    version: String,
+}
+
+impl Nginx {
+    fn start() -> anyhow::Result<Nginx> {
+        let dir = TempDir::new("tracer-bench-nginx")?;
+        let root = dir.path();
+        // Workers run as an unprivileged user (nobody): the files must be readable by all.
+        let www = root.join("www");
+        let body: String = "tracer-agent bench 0123456789abcdef\n"
+            .chars()
+            .cycle()
+            .take(NGINX_FILE_BYTES)
+            .collect();
+        for path in BodyPath::ALL {
+            let location = www.join(path.location().trim_matches('/'));
+            std::fs::create_dir_all(&location)?;
+            std::fs::write(location.join("file.txt"), &body)?;
+        }
+        for entry in [www.clone(), root.to_path_buf()]
+            .into_iter()
+            .chain(BodyPath::ALL.map(|path| www.join(path.location().trim_matches('/'))))
+        {
+            std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755))?;
+        }
+        // nginx creates its temporary directories, not their parent.
+        std::fs::create_dir(root.join("tmp"))?;
+        let port = free_loopback_addr()?.port();
+        let config = root.join("nginx.conf");
+        std::fs::write(&config, Self::config(root, port))?;
+        let error_log = root.join("error.log");
+        let mut cmd = Command::new(Self::binary());
+        cmd.arg("-p")
+            .arg(root)
+            .arg("-e")
+            .arg(&error_log)
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours. With
+        // PR_SET_PDEATHSIG the nginx master gets SIGTERM when the bench dies, so a killed
+        // bench leaves no server behind (the master stops its workers).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut proc = Proc::spawn("nginx", &mut cmd)?;
+        let log = || std::fs::read_to_string(&error_log).unwrap_or_default();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = Instant::now() + NGINX_READY_TIMEOUT;
+        let reply = loop {
+            if let Some(status) = proc.try_wait()? {
+                bail!("nginx exited at start ({status}); its log:\n{}", log());
+            }
+            if let Ok(reply) = http_get(addr, &format!("{}file.txt", BodyPath::Write.location())) {
+                break reply;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "nginx did not answer on {addr} within {NGINX_READY_TIMEOUT:?}; its log:\n{}",
+                    log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        ensure!(
+            reply == (200, body.clone()),
+            "nginx answered {} with {} bytes, not 200 and the {NGINX_FILE_BYTES} B file; its \
+             log:\n{}",
+            reply.0,
+            reply.1.len(),
+            log()
+        );
+        let version = Command::new(Self::binary())
+            .arg("-v")
+            .output()
+            .ok()
+            .and_then(|out| {
+                let text = String::from_utf8_lossy(&out.stderr).into_owned();
+                Some(
+                    text.trim()
+                        .strip_prefix("nginx version: nginx/")?
+                        .to_owned(),
+                )
+            })
+            .unwrap_or_else(|| "(unknown version)".into());
+        Ok(Nginx {
+            proc,
+            _dir: dir,
+            port,
+            version,
+        })
+    }
+
+    /// Debian's nginx, even when PATH lacks /usr/sbin (a user's PATH kept by `sudo -E`).
+    fn binary() -> &'static str {
+        const DEBIAN: &str = "/usr/sbin/nginx";
+        if Path::new(DEBIAN).exists() {
+            DEBIAN
+        } else {
+            "nginx"
+        }
+    }
+
+    fn config(root: &Path, port: u16) -> String {
+        let root = root.display();
+        let temp = |name: &str| format!("{name}_temp_path {root}/tmp/{name};");
+        format!(
+            "# Generated by `cargo xtask bench` (part C).
+daemon off;
+master_process on;
+worker_processes {NGINX_WORKERS};
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log off;
+    default_type text/plain;
+    # Keep-alive with nginx's defaults: 75 s idle, 1,000 requests per connection.
+    keepalive_timeout 75s;
+    {}
+    {}
+    {}
+    {}
+    {}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root}/www;
+        location {} {{
+            sendfile off;
+        }}
+        location {} {{
+            sendfile on;
+        }}
+    }}
+}}
+",
+            temp("client_body"),
+            temp("proxy"),
+            temp("fastcgi"),
+            temp("uwsgi"),
+            temp("scgi"),
+            BodyPath::Write.location(),
+            BodyPath::Sendfile.location(),
+        )
+    }
+
+    fn url(&self, path: BodyPath) -> String {
+        format!("http://127.0.0.1:{}{}file.txt", self.port, path.location())
+    }
+}
+
+/// A directory under the system's temporary directory, removed with everything in it when
+/// dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> anyhow::Result<TempDir> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        // Left over by a bench with the same pid that was killed.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An OTLP/HTTP endpoint on loopback that reads each request and answers 200 with an empty
+/// (valid) export response, on its own threads in the bench process, counting what it got.
+struct OtlpSink {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    /// Request body bytes, as sent (gzip).
+    bytes: Arc<AtomicU64>,
+}
+
+impl OtlpSink {
+    fn start() -> anyhow::Result<OtlpSink> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let sink = OtlpSink {
+            addr: listener.local_addr()?,
+            requests: Arc::default(),
+            bytes: Arc::default(),
+        };
+        let (requests, bytes) = (sink.requests.clone(), sink.bytes.clone());
+        // Lives as long as the bench process; the agent opens a connection or two per run.
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (requests, bytes) = (requests.clone(), bytes.clone());
+                thread::spawn(move || {
+                    let _ = Self::serve(stream, &requests, &bytes);
+                });
+            }
+        });
+        Ok(sink)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn serve(stream: TcpStream, requests: &AtomicU64, bytes: &AtomicU64) -> io::Result<()> {
+        // An idle agent connection is fine; a stuck one ends with the timeout.
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut length = 0usize;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(value) = lower.strip_prefix("content-length:") {
+                    length = value.trim().parse().map_err(io::Error::other)?;
+                }
+                if lower.starts_with("transfer-encoding:") {
+                    // Not expected from the agent's exporter; closing makes it an export
+                    // error, which the report shows.
+                    return Err(io::Error::other("chunked request"));
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            io::copy(&mut (&mut reader).take(length as u64), &mut io::sink())?;
+            requests.fetch_add(1, Ordering::Relaxed);
+            bytes.fetch_add(length as u64, Ordering::Relaxed);
+            reader.get_mut().write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n\
+                  content-length: 0\r\n\r\n",
+            )?;
+        }
+    }
+}
+
+/// Part D's build: `cargo bench -p tracer-agent --bench pipeline --no-run`; returns the
+/// bench executable.
+fn build_pipeline_bench() -> anyhow::Result<PathBuf> {
+    let start = Instant::now();
+    eprintln!("xtask: building the pipeline bench (cargo bench --no-run)");
+    // JSON on stdout names the executable; diagnostics are still rendered on stderr.
+    let out = Command::new("cargo")
+        .args(["bench", "--package", "tracer-agent", "--bench", "pipeline"])
+        .args(["--no-run", "--message-format=json-render-diagnostics"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo bench --no-run")?;
+    ensure!(
+        out.status.success(),
+        "cargo bench --no-run failed: {}",
+        out.status
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let exe = stdout
+        .lines()
+        .filter(|line| {
+            line.contains(r#""reason":"compiler-artifact""#)
+                && line.contains(r#""name":"pipeline""#)
+        })
+        .find_map(|line| {
+            let rest = line.split_once(r#""executable":""#)?.1;
+            Some(PathBuf::from(rest.split_once('"')?.0))
+        })
+        .context("cargo bench --no-run named no pipeline executable")?;
+    eprintln!("xtask:   built in {:.0?}", start.elapsed());
+    Ok(exe)
+}
+
+/// Part D: runs the pipeline bench as `cargo bench` would (from the package directory, with
+/// `--bench`) and returns its result line.
+fn run_pipeline_bench(root: &Path, exe: &Path, quick: bool) -> anyhow::Result<String> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("--bench").current_dir(root.join("agent"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    let mut proc = Proc::spawn(
+        "pipeline bench",
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()),
+    )?;
+    let mut stdout = proc.child.stdout.take().context("pipeline bench stdout")?;
+    // Read as it comes, so a chatty bench can never block on a full pipe.
+    let reader = thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).map(|_| out)
+    });
+    let status = proc
+        .wait_timeout(PIPELINE_TIMEOUT)?
+        .ok_or_else(|| anyhow!("still running after {PIPELINE_TIMEOUT:?}"))?;
+    let out = reader
+        .join()
+        .map_err(|_| anyhow!("reader panicked"))?
+        .context("reading its output")?;
+    ensure!(status.success(), "{status}; it printed:\n{out}");
+    out.lines()
+        .find(|line| line.starts_with("pipeline:"))
+        .map(str::to_owned)
+        .with_context(|| format!("no `pipeline:` line in its output:\n{out}"))
 }
 
 /// Pids of the tracer-agent processes running, but `ours`.
@@ -971,7 +1804,14 @@ impl Load {
     }
 }
 
-fn report(counts: &Counts, s: &Samples, rounds: u32, elapsed: Duration, load: &str) -> String {
+fn report(
+    counts: &Counts,
+    s: &Samples,
+    pipeline: &str,
+    rounds: u32,
+    elapsed: Duration,
+    load: &str,
+) -> String {
     let mut out = String::new();
     let mut line = |text: String| {
         out.push_str(&text);
@@ -1079,6 +1919,24 @@ fn report(counts: &Counts, s: &Samples, rounds: u32, elapsed: Duration, load: &s
         s.peak_rss_kib as f64 / 1024.0,
         s.echo_lost_events
     ));
+    line(String::new());
+    out.push_str(&report_nginx(counts, s));
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    line(String::new());
+    line("### D. Userspace pipeline cost".into());
+    line(String::new());
+    line(
+        "`cargo bench -p tracer-agent --bench pipeline` (release; built with the agent before \
+         the rounds, run after them): synthetic ring buffer records of keep-alive HTTP/1.1 \
+         exchanges through decode, syscall assembly, conntrack, reassembly, HTTP parsing and \
+         span building on one thread, then OTLP http/protobuf export (gzip) to a local sink."
+            .into(),
+    );
+    line(String::new());
+    line(format!("    {pipeline}"));
     if s.disturbed_runs > 0 {
         line(String::new());
         line(format!(
@@ -1088,6 +1946,179 @@ fn report(counts: &Counts, s: &Samples, rounds: u32, elapsed: Duration, load: &s
         ));
     }
     out
+}
+
+/// Part C's section.
+fn report_nginx(counts: &Counts, s: &Samples) -> String {
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    line("### C. Saturated nginx under wrk".into());
+    line(String::new());
+    line(format!(
+        "nginx {}: master + {NGINX_WORKERS} worker, a {NGINX_FILE_BYTES} B static file over \
+         keep-alive connections (nginx's defaults: up to 1,000 requests each), access_log off. \
+         Each round runs `wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{}s --latency` once per \
+         body path and configuration. On 2 cores the single nginx worker is the bottleneck at \
+         about one core and wrk's thread takes most of the other; more wrk threads or workers \
+         add no requests/s, only contention that would starve the agent. Configurations: no \
+         agent; the agent tracing another, idle process (what untraced nginx pays); the agent \
+         tracing nginx (`--pid` of the master, which covers its worker) and exporting every span \
+         over OTLP http/protobuf (gzip) to a sink in the bench process that answers 200.",
+        s.nginx_version, counts.wrk_seconds,
+    ));
+    line(String::new());
+    line(
+        "| body | configuration | requests/s | / no agent | per-round ratio range | p50 µs | \
+         p99 µs | p99 added | nginx CPU ms per 1,000 requests |"
+            .into(),
+    );
+    line("|---|---|---|---|---|---|---|---|---|".into());
+    for (path_index, path) in BodyPath::ALL.into_iter().enumerate() {
+        let runs = &s.nginx[path_index];
+        let none = &runs[C_NONE];
+        for (config, name) in C_CONFIGS.into_iter().enumerate() {
+            let this = &runs[config];
+            let (ratio, ratio_range, p99_added) = if config == C_NONE {
+                ("1".into(), String::new(), String::new())
+            } else {
+                let ratio = median(&this.rate) / median(&none.rate);
+                let bold = if config == C_TRACED { "**" } else { "" };
+                (
+                    format!("{bold}{ratio:.3}{bold}"),
+                    paired_range(&this.rate, &none.rate, 3),
+                    format!(
+                        "{bold}{:+.1}%{bold}",
+                        (median(&this.p99_us) / median(&none.p99_us) - 1.0) * 100.0
+                    ),
+                )
+            };
+            line(format!(
+                "| {} | {name} | {} | {ratio} | {ratio_range} | {} | {} | {p99_added} | {} |",
+                path.describe(),
+                spread(&this.rate, 0),
+                spread(&this.p50_us, 0),
+                spread(&this.p99_us, 0),
+                spread(&this.nginx_cpu_ms_per_1k, 2),
+            ));
+        }
+    }
+    line(String::new());
+    line(
+        "p99 added: median p99 over the no-agent median p99. nginx CPU: utime + stime of its \
+         master and worker during the run, which includes the probes' kernel time (the agent's \
+         own CPU is below). Issue acceptance (agent tracing nginx): requests/s >= 0.90 of no \
+         agent, p99 added <= 10%."
+            .into(),
+    );
+    for (path_index, path) in BodyPath::ALL.into_iter().enumerate() {
+        let runs = &s.nginx[path_index];
+        let ratio = median(&runs[C_TRACED].rate) / median(&runs[C_NONE].rate);
+        let p99 = median(&runs[C_TRACED].p99_us) / median(&runs[C_NONE].p99_us) - 1.0;
+        let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+        line(format!(
+            "- {}: throughput {ratio:.3} ({}), p99 {:+.1}% ({})",
+            path.describe(),
+            verdict(ratio >= 0.90),
+            p99 * 100.0,
+            verdict(p99 <= 0.10)
+        ));
+    }
+    line(String::new());
+    line("Agent tracing nginx, per run (median, min–max over rounds):".into());
+    line(String::new());
+    line(
+        "| body | agent CPU ms per 1,000 requests | events per request | spans created per \
+         request | spans exported per request | OTLP bytes per span (gzip) |"
+            .into(),
+    );
+    line("|---|---|---|---|---|---|".into());
+    for (path_index, path) in BodyPath::ALL.into_iter().enumerate() {
+        let agent = &s.nginx_agent[path_index];
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} |",
+            path.describe(),
+            spread(&agent.cpu_ms_per_1k, 2),
+            spread(&agent.events_per_request, 2),
+            spread(&agent.spans_created_per_request, 4),
+            spread(&agent.spans_exported_per_request, 4),
+            spread(&agent.otlp_bytes_per_span, 0),
+        ));
+    }
+    line(String::new());
+    line(format!(
+        "Spans are counted before the agent stops: after each run the bench waits until its \
+         export queue is empty and its span counters hold still (at most {:?}), so these are \
+         spans the sink accepted, not a SIGTERM flush. wrk stops with requests in flight, so a \
+         few spans per run more than wrk's count are expected. Agent CPU (utime + stime from \
+         /proc, the whole run until that point) counts the agent process only; the probes' \
+         kernel time is charged to nginx and shows in its requests/s.",
+        EXPORT_DRAIN_TIMEOUT
+    ));
+    line(String::new());
+    line(format!(
+        "Agent peak RSS (VmHWM) tracing nginx, highest over rounds: {:.1} MiB. Processes traced \
+         with `--pid <master>`: {}. The sink answered {} OTLP requests. wrk socket errors and \
+         non-2xx responses, over every run: {}.",
+        s.nginx_peak_rss_kib as f64 / 1024.0,
+        if s.nginx_processes_traced.is_empty() {
+            "n/a".into()
+        } else {
+            spread(&s.nginx_processes_traced, 0)
+        },
+        thousands(s.nginx_sink_requests),
+        s.nginx_errors,
+    ));
+    line(String::new());
+    line(
+        "Loss and error counters of the agent tracing nginx, summed over rounds (every series \
+         that moved during the runs; `tracer_kernel_lost_events_total` is listed even at 0):"
+            .into(),
+    );
+    line(String::new());
+    for (path_index, path) in BodyPath::ALL.into_iter().enumerate() {
+        let losses = &s.nginx_losses[path_index];
+        let mut items: Vec<String> = Vec::new();
+        if !losses
+            .keys()
+            .any(|series| series.starts_with("tracer_kernel_lost_events_total"))
+        {
+            items.push("`tracer_kernel_lost_events_total` 0".into());
+        }
+        items.extend(
+            losses
+                .iter()
+                .map(|(series, value)| format!("`{series}` {value}")),
+        );
+        line(format!("- {}: {}", path.describe(), items.join(", ")));
+    }
+    if s.nginx_undrained_runs > 0 {
+        line(String::new());
+        line(format!(
+            "**Warning**: after {} traced run(s) the agent had not finished exporting within \
+             {EXPORT_DRAIN_TIMEOUT:?}; their spans per request and CPU are undercounted.",
+            s.nginx_undrained_runs
+        ));
+    }
+    out
+}
+
+/// min–max over rounds of `values[r] / base[r]`: paired by round, so drift between rounds
+/// cancels.
+fn paired_range(values: &[f64], base: &[f64], decimals: usize) -> String {
+    let ratios: Vec<f64> = values
+        .iter()
+        .zip(base)
+        .filter(|(_, base)| **base > 0.0)
+        .map(|(value, base)| value / base)
+        .collect();
+    if ratios.is_empty() {
+        return "n/a".into();
+    }
+    let (lo, hi) = range(&ratios);
+    format!("{lo:.decimals$}–{hi:.decimals$}")
 }
 
 /// One row of part A's table: the three configurations, the extra costs and their ratio.
@@ -1175,4 +2206,54 @@ fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_latency_output() {
+        // wrk 4.1.0 (Debian 12), against a missing file, plus a socket error line.
+        let out = "Running 1s test @ http://127.0.0.1:18999/nope
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    98.48us  230.25us   4.41ms   98.21%
+    Req/Sec    50.46k    18.73k   88.73k    81.82%
+  Latency Distribution
+     50%   72.00us
+     75%   94.00us
+     90%  123.00us
+     99%    1.02ms
+  55249 requests in 1.10s, 16.23MB read
+  Socket errors: connect 0, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 55249
+Requests/sec:  50218.83
+Transfer/sec:     14.75MB
+";
+        let run = parse_wrk(out).unwrap();
+        assert_eq!(run.requests, 55_249);
+        assert_eq!(run.rate, 50_218.83);
+        assert_eq!(run.p50_us, 72.0);
+        assert!((run.p99_us - 1020.0).abs() < 1e-9);
+        assert_eq!(run.errors, 55_249 + 5);
+        assert!(parse_wrk("Requests/sec: 1\n").is_err());
+    }
+
+    #[test]
+    fn wrk_times() {
+        assert_eq!(wrk_time_us("377.00us").unwrap(), 377.0);
+        assert_eq!(wrk_time_us("2.00s").unwrap(), 2e6);
+        assert_eq!(wrk_time_us("1.50m").unwrap(), 90e6);
+        assert!(wrk_time_us("12").is_err());
+    }
+
+    #[test]
+    fn nginx_config_names_its_locations() {
+        let config = Nginx::config(Path::new("/tmp/x"), 8080);
+        assert!(config.contains("listen 127.0.0.1:8080;"));
+        assert!(config.contains("location /sendfile-off/ {\n            sendfile off;"));
+        assert!(config.contains("location /sendfile-on/ {\n            sendfile on;"));
+        assert!(config.contains("client_body_temp_path /tmp/x/tmp/client_body;"));
+    }
 }

@@ -23,6 +23,9 @@ const BUILD_PACKAGES: &[&str] = &[
 /// fresh one may lack them).
 const TEST_PACKAGES: &[&str] = &["curl", "python3", "libcap2-bin", "iproute2"];
 
+/// The saturated web server and the load generator of `cargo xtask bench` (part C).
+const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk"];
+
 fn step(what: &str) -> Instant {
     eprintln!("xtask: {what}");
     Instant::now()
@@ -118,5 +121,12 @@ pub fn build_deps() -> anyhow::Result<()> {
 pub fn test_deps() -> anyhow::Result<()> {
     build_deps()?;
     apt_install(&missing_packages(TEST_PACKAGES))?;
+    Ok(())
+}
+
+/// Build dependencies plus nginx and wrk for the benchmark.
+pub fn bench_deps() -> anyhow::Result<()> {
+    build_deps()?;
+    apt_install(&missing_packages(BENCH_PACKAGES))?;
     Ok(())
 }
