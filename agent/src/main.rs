@@ -272,6 +272,7 @@ fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
                 kernel.get(counter::LOSS_CONN_MAP_FULL),
             ),
             ("undecodable", pipeline.stats.decode_errors),
+            ("dump lines unwritten", pipeline.stats.dump_errors),
         ];
         let losses: Vec<String> = lost
             .iter()

@@ -36,6 +36,16 @@ pub struct PipelineStats {
     pub bad_context: HashMap<&'static str, u64>,
 }
 
+/// Counts a failed write of the dump (stdout closed or full disk), logging the first one.
+fn note_dump(stats: &mut PipelineStats, result: std::io::Result<()>) {
+    if let Err(err) = result {
+        if stats.dump_errors == 0 {
+            warn!("writing the dump failed ({err}); its lines are being lost, counting them");
+        }
+        stats.dump_errors += 1;
+    }
+}
+
 /// Where spans go, and what builds them.
 pub struct SpanStage {
     pub factory: SpanFactory,
@@ -99,7 +109,7 @@ impl<W: Write> Pipeline<W> {
                 let conn = self.conns.open(&event);
                 if let Some(dump) = self.dump.as_mut() {
                     let result = dump.open(conn, event.header.ts_ns, event.syscall);
-                    self.stats.dump_errors += u64::from(result.is_err());
+                    note_dump(&mut self.stats, result);
                 }
             }
             RawEvent::Close(event) => {
@@ -119,14 +129,14 @@ impl<W: Write> Pipeline<W> {
                         event.egress_bytes,
                         event.ingress_bytes,
                     );
-                    self.stats.dump_errors += u64::from(result.is_err());
+                    note_dump(&mut self.stats, result);
                 }
             }
             RawEvent::Exit(header) => {
                 self.forget_process(header.pid);
                 if let Some(dump) = self.dump.as_mut() {
                     let result = dump.exit(header.pid, header.ts_ns);
-                    self.stats.dump_errors += u64::from(result.is_err());
+                    note_dump(&mut self.stats, result);
                 }
             }
         }
@@ -166,7 +176,7 @@ impl<W: Write> Pipeline<W> {
                 .get_or_resolve(data.conn_id, record.pid, record.fd);
             if let Some(dump) = self.dump.as_mut() {
                 let result = dump.data(conn, &record);
-                self.stats.dump_errors += u64::from(result.is_err());
+                note_dump(&mut self.stats, result);
             }
             self.streams.push(record.data, &mut self.segments);
         }
@@ -185,7 +195,7 @@ impl<W: Write> Pipeline<W> {
                 && let Some(dump) = self.dump.as_mut()
             {
                 let result = dump.gap(conn, segment.direction, segment.pos, segment.gap_before);
-                self.stats.dump_errors += u64::from(result.is_err());
+                note_dump(&mut self.stats, result);
             }
             if self.spans.is_some() {
                 self.protocols.push(segment, conn.role, &mut self.exchanges);
@@ -249,10 +259,9 @@ impl<W: Write> Pipeline<W> {
     }
 
     pub fn flush(&mut self) {
-        if let Some(dump) = self.dump.as_mut()
-            && dump.flush().is_err()
-        {
-            self.stats.dump_errors += 1;
+        if let Some(dump) = self.dump.as_mut() {
+            let result = dump.flush();
+            note_dump(&mut self.stats, result);
         }
     }
 
