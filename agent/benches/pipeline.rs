@@ -84,6 +84,7 @@ fn connection(conn_id: u64, exchanges: usize, start_ns: u64) -> Vec<Vec<u8>> {
         tuple,
         syscall: syscall::ACCEPT,
         _pad: 0,
+        comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
     };
     let mut records = vec![encode_record(&open, &[])];
     let mut ts = start_ns;

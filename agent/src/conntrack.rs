@@ -92,8 +92,17 @@ pub struct Process {
 }
 
 impl Process {
-    fn read(pid: u32) -> Self {
-        let info = ProcessInfo::read(pid);
+    /// Reads /proc/PID; `comm` from the kernel names a process that already exited.
+    fn read(pid: u32, comm: Option<&[u8; 16]>) -> Self {
+        let mut info = ProcessInfo::read(pid);
+        if info.exe_path.is_empty()
+            && let Some(comm) = comm
+        {
+            let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+            if end > 0 {
+                info.exe_name = String::from_utf8_lossy(&comm[..end]).into_owned();
+            }
+        }
         Self {
             exe: info.exe_name.clone(),
             info,
@@ -140,10 +149,10 @@ pub fn tuple_addrs(tuple: &Tuple) -> Option<(SocketAddr, SocketAddr)> {
 }
 
 impl ConnTable {
-    fn process(&mut self, pid: u32) -> Arc<Process> {
+    fn process(&mut self, pid: u32, comm: Option<&[u8; 16]>) -> Arc<Process> {
         self.processes
             .entry(pid)
-            .or_insert_with(|| Arc::new(Process::read(pid)))
+            .or_insert_with(|| Arc::new(Process::read(pid, comm)))
             .clone()
     }
 
@@ -163,7 +172,7 @@ impl ConnTable {
             local: None,
             remote: None,
             tuple_source: TupleSource::Unknown,
-            process: self.process(header.pid),
+            process: self.process(header.pid, Some(&event.comm)),
             text: AddressText::default(),
         };
         if event.flags & conn_flags::TUPLE_KNOWN != 0
@@ -192,7 +201,7 @@ impl ConnTable {
                 local: None,
                 remote: None,
                 tuple_source: TupleSource::Unknown,
-                process: self.process(pid),
+                process: self.process(pid, None),
                 text: AddressText::default(),
             };
             self.resolve(&mut conn);
@@ -346,9 +355,12 @@ mod tests {
                     ..Default::default()
                 },
                 role: role::CLIENT,
+                comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
                 ..Default::default()
             });
         }
+        // Gone before /proc could be read: named from the kernel's comm.
+        assert_eq!(table.get(1).unwrap().process.exe, "curl");
         assert_eq!(table.vanished_processes(), vec![gone]);
         table.exit(gone);
         assert_eq!(table.len(), 1);

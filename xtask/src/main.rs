@@ -144,7 +144,8 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> anyhow::Result<()> {
     let agent = root.join("target/debug/tracer-agent");
     eprintln!("xtask: cargo test (unit and end-to-end)");
     run(Command::new("cargo")
-        .args(["test", "--workspace", "--"])
+        // Every failing test binary is reported, not just the first.
+        .args(["test", "--workspace", "--no-fail-fast", "--"])
         .args(args)
         .env("TRACER_AGENT_BIN", &agent))?;
     eprintln!("xtask: all tests passed in {:.0?}", start.elapsed());

@@ -199,6 +199,9 @@ pub struct ConnEvent {
     /// The syscall that revealed the connection (connect, accept, or a first read/write).
     pub syscall: u32,
     pub _pad: u32,
+    /// The task's command name: the agent's fallback when a short-lived process (curl) has
+    /// exited before /proc/PID can be read.
+    pub comm: [u8; 16],
 }
 
 /// The fd of a tracked connection was closed (or reused for another socket).
@@ -237,7 +240,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 32 + 8 * 3 + 4 * 6);
 const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32 + 8 + 40 + 8);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32 + 8 + 40 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<CloseEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
 const _: () = assert!(CHUNK_SIZE.is_power_of_two());

@@ -21,7 +21,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_smp_processor_id, bpf_loop, bpf_probe_read_user},
     },
     macros::{map, tracepoint},
@@ -514,6 +514,7 @@ fn emit_open(pid_tgid: u64, fd: i32, conn: &ConnState, nr: u32) {
         tuple: Tuple::default(),
         syscall: nr,
         _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
     };
     if let Some(info) = unsafe { SOCKS.get(conn.sk) } {
         event.tuple = info.tuple;
