@@ -8,7 +8,6 @@
 //! with the failure.
 
 pub mod otlp_receiver;
-pub mod span_agent;
 
 use std::{
     collections::BTreeMap,
@@ -168,8 +167,10 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------------------------
 // The agent.
 
-/// A running `tracer-agent` with `--dump=json` to a file and `--metrics-addr` on a free
-/// loopback port. Killed on drop if still running.
+/// A running `tracer-agent` with `--metrics-addr` on a free loopback port and stdout to a
+/// file: the `--dump=json` ([`Agent::start`]) or the console/jsonl exporter's output
+/// ([`Agent::start_exporting`]). Killed on drop if still running; dropped during a panic, it
+/// prints its command line, environment, stderr and output.
 pub struct Agent {
     child: Child,
     status: Option<ExitStatus>,
@@ -177,8 +178,16 @@ pub struct Agent {
     stdout: PathBuf,
     stderr: PathBuf,
     args: Vec<String>,
+    /// Environment set for the agent (beyond the test's own, less its `OTEL_*` variables).
+    env: Vec<(String, String)>,
+    /// Whether stdout is the `--dump=json` (else an exporter's output).
+    dump: bool,
     _dir: TempDir,
 }
+
+/// Exporting agents send batches after 100 ms instead of the default 1 s, so tests wait less;
+/// a test may override it.
+const EXPORT_ENV: &[(&str, &str)] = &[("OTEL_BSP_SCHEDULE_DELAY", "100")];
 
 fn free_loopback_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -189,26 +198,51 @@ impl Agent {
     /// Starts the agent with `args` plus `--dump=json --metrics-addr 127.0.0.1:<free port>`
     /// and waits until `/readyz` answers 200.
     pub fn start(args: &[&str]) -> Self {
+        Self::launch(args, &[], true)
+    }
+
+    /// Starts the agent with `args` plus `--metrics-addr`, no `--dump` (stdout is the console
+    /// or jsonl exporter's alone), [`EXPORT_ENV`] then `env`; waits until `/readyz` answers 200.
+    pub fn start_exporting(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(args, env, false)
+    }
+
+    fn launch(args: &[&str], env: &[(&str, &str)], dump: bool) -> Self {
         let bin = agent_bin();
+        let defaults: &[(&str, &str)] = if dump { &[] } else { EXPORT_ENV };
+        let mut full_env: Vec<(String, String)> = Vec::new();
+        for (key, value) in defaults.iter().chain(env) {
+            full_env.retain(|(k, _)| k != key);
+            full_env.push(((*key).to_owned(), (*value).to_owned()));
+        }
         // The port is free when picked but another test could take it before the agent binds:
         // the agent then exits at once, and another port is tried.
         for attempt in 0..5 {
             let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
             let dir = TempDir::new("agent");
-            let stdout = dir.path().join("dump.jsonl");
+            let stdout = dir
+                .path()
+                .join(if dump { "dump.jsonl" } else { "stdout.txt" });
             let stderr = dir.path().join("stderr.txt");
             let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-            full.extend([
-                "--dump=json".to_owned(),
-                "--metrics-addr".to_owned(),
-                metrics_addr.to_string(),
-            ]);
-            let child = Command::new(&bin)
-                .args(&full)
+            if dump {
+                full.push("--dump=json".to_owned());
+            }
+            full.extend(["--metrics-addr".to_owned(), metrics_addr.to_string()]);
+            let mut cmd = Command::new(&bin);
+            cmd.args(&full)
                 .stdin(Stdio::null())
-                .stdout(fs::File::create(&stdout).expect("create dump file"))
+                .stdout(fs::File::create(&stdout).expect("create stdout file"))
                 .stderr(fs::File::create(&stderr).expect("create stderr file"))
-                .process_group(0)
+                .process_group(0);
+            // The host's OpenTelemetry settings must not leak into what a test checks.
+            for (key, _) in std::env::vars_os() {
+                if key.to_string_lossy().starts_with("OTEL_") {
+                    cmd.env_remove(key);
+                }
+            }
+            cmd.envs(full_env.iter().map(|(k, v)| (k, v)));
+            let child = cmd
                 .spawn()
                 .unwrap_or_else(|err| panic!("cannot run {}: {err}", bin.display()));
             let mut agent = Self {
@@ -218,6 +252,8 @@ impl Agent {
                 stdout,
                 stderr,
                 args: full,
+                env: full_env.clone(),
+                dump,
                 _dir: dir,
             };
             match agent.wait_ready() {
@@ -312,6 +348,13 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// What the agent wrote to stdout so far (the dump, or an exporter's output).
+    pub fn stdout_text(&self) -> String {
+        fs::read(&self.stdout)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
     /// Every complete line of the dump so far, parsed. Panics on a line that is not a JSON
     /// object (the dump promises one per line).
     pub fn events(&self) -> Events {
@@ -364,6 +407,29 @@ impl Agent {
             .unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
     }
 
+    /// One sample of `/metrics`, 0 when the series does not exist (yet): label sets created on
+    /// first use, such as `tracer_parse_errors_total{parser="tracecontext",...}`.
+    pub fn metric_or_zero(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series).unwrap_or(0.0)
+    }
+
+    /// Polls `/metrics` until `series` reaches `at_least`; panics after `timeout`.
+    pub fn wait_metric(&self, series: &str, at_least: f64, timeout: Duration) -> f64 {
+        let mut value = 0.0;
+        let ok = wait_until(timeout, || {
+            value = self.metric_or_zero(series);
+            value >= at_least
+        });
+        if !ok {
+            panic!(
+                "{series} is {value} after {timeout:?}, expected at least {at_least}\n\
+                 --- /metrics ---\n{}",
+                self.metrics()
+            );
+        }
+        value
+    }
+
     /// The status code of `/readyz`.
     pub fn readyz(&self) -> u16 {
         match http_get(self.metrics_addr, "/readyz") {
@@ -372,8 +438,22 @@ impl Agent {
         }
     }
 
-    /// The command line, the agent's stderr and a summary of its dump, for failure messages.
+    /// The command line, environment, stderr and the dump (summarized) or the exporter's
+    /// output, for failure messages.
     pub fn report(&self) -> String {
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if !self.dump {
+            return format!(
+                "--- agent: {} {} {} (status {:?})\n--- agent stderr ---\n{}\n--- agent stdout \
+                 (last 8000 bytes) ---\n{}",
+                env.join(" "),
+                agent_bin().display(),
+                self.args.join(" "),
+                self.status,
+                tail(&self.stderr_text(), 8000),
+                tail(&self.stdout_text(), 8000),
+            );
+        }
         let dump = fs::read_to_string(&self.stdout).unwrap_or_default();
         let lines = dump.lines().count();
         let mut summary = String::new();
@@ -1038,6 +1118,35 @@ impl Drop for Peer {
 
 /// Whether something listens on TCP `port` (any address, IPv4 or IPv6), from /proc/net/tcp*;
 /// checking this way does not connect, so it leaves no connection in the server's queue.
+/// `python3 -m http.server` on a free loopback port, serving a directory that holds `name`
+/// with `body`; it answers HTTP/1.0, one request per connection. Returns the server, its port
+/// and the directory (keep it alive as long as the server).
+pub fn http_server(name: &str, body: &str) -> (Peer, u16, TempDir) {
+    let dir = TempDir::new("www");
+    fs::write(dir.path().join(name), body).expect("write the served file");
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-u",
+        "-m",
+        "http.server",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+    ])
+    .arg(dir.path());
+    let mut server = Peer::spawn("http.server", cmd);
+    // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+    let serving = server.expect("Serving HTTP on");
+    let port: u16 = serving
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected http.server banner {serving:?}"));
+    wait_for_listen(port);
+    (server, port, dir)
+}
+
 pub fn is_listening(port: u16) -> bool {
     const LISTEN: &str = "0A";
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {

@@ -373,7 +373,7 @@ impl Receiver {
     }
 
     /// Polls until `done` holds for the spans received; panics after `timeout` saying `what`,
-    /// with what was received (a [`crate::span_agent::SpanAgent`] adds its report when dropped
+    /// with what was received (a [`crate::Agent`] adds its report when dropped
     /// during the panic).
     pub fn wait_spans(
         &self,

@@ -9,7 +9,7 @@ use std::{
 
 use tracer_e2e::{
     Agent, Checks, Events, Peer, STEP_TIMEOUT, TempDir, assert_stream, assert_tuple, data_summary,
-    hex, stream_problem, tuple_problem, wait_for_listen,
+    hex, stream_problem, tuple_problem,
 };
 
 /// A server that accepts one connection and plays rounds: read the client's message i (known
@@ -469,29 +469,8 @@ say("done", status)
 
 #[test]
 fn curl_against_python_http_server() {
-    let dir = TempDir::new("www");
     let body = "hello from the e2e test\n";
-    std::fs::write(dir.path().join("hello.txt"), body).unwrap();
-    let mut cmd = Command::new(tracer_e2e::python());
-    cmd.args([
-        "-u",
-        "-m",
-        "http.server",
-        "0",
-        "--bind",
-        "127.0.0.1",
-        "--directory",
-    ])
-    .arg(dir.path());
-    let mut server = Peer::spawn("http.server", cmd);
-    // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
-    let serving = server.expect("Serving HTTP on");
-    let port: u16 = serving
-        .split_whitespace()
-        .nth(2)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected http.server banner {serving:?}"));
-    wait_for_listen(port);
+    let (server, port, _dir) = tracer_e2e::http_server("hello.txt", body);
 
     // A shell that execs curl when told: the pid exists before the agent starts, so it can be
     // named with --pid, and stays the same through exec.

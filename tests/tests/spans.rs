@@ -14,12 +14,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message as _;
 use serde_json::Value;
 use tracer_e2e::{
-    Checks, Peer, TempDir, metric_value,
+    Agent, Checks, Peer, TempDir, metric_value,
     otlp_receiver::{
         KIND_CLIENT, KIND_SERVER, Protocol, ReceivedSpan, Receiver, STATUS_ERROR, STATUS_UNSET,
         flatten, summaries,
     },
-    span_agent::SpanAgent,
     wait_for_listen, wait_until,
 };
 
@@ -35,32 +34,9 @@ const CURL_RESULT: &str = "result %{http_code} %{local_port}\\n";
 // ---------------------------------------------------------------------------------------------
 // Peers.
 
-/// `python3 -m http.server` on a free loopback port serving a directory with hello.txt.
-/// It answers HTTP/1.0, one request per connection.
+/// `python3 -m http.server` serving hello.txt (HTTP/1.0, one request per connection).
 fn http_server() -> (Peer, u16, TempDir) {
-    let dir = TempDir::new("www");
-    std::fs::write(dir.path().join("hello.txt"), HELLO).unwrap();
-    let mut cmd = Command::new(tracer_e2e::python());
-    cmd.args([
-        "-u",
-        "-m",
-        "http.server",
-        "0",
-        "--bind",
-        "127.0.0.1",
-        "--directory",
-    ])
-    .arg(dir.path());
-    let mut server = Peer::spawn("http.server", cmd);
-    // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
-    let serving = server.expect("Serving HTTP on");
-    let port: u16 = serving
-        .split_whitespace()
-        .nth(2)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected http.server banner {serving:?}"));
-    wait_for_listen(port);
-    (server, port, dir)
+    tracer_e2e::http_server("hello.txt", HELLO)
 }
 
 /// An HTTP/1.1 keep-alive server: /ok 200, /fail 500, /chunked 200 in three chunks (it says
@@ -157,7 +133,7 @@ fn curl_get(url: &str) {
 }
 
 /// An agent exporting over OTLP to `receiver`, tracing `pids`.
-fn otlp_agent(receiver: &Receiver, pids: &[u32], env: &[(&str, &str)]) -> SpanAgent {
+fn otlp_agent(receiver: &Receiver, pids: &[u32], env: &[(&str, &str)]) -> Agent {
     let endpoint = receiver.endpoint();
     let mut args = vec![
         "--exporter",
@@ -171,7 +147,7 @@ fn otlp_agent(receiver: &Receiver, pids: &[u32], env: &[(&str, &str)]) -> SpanAg
     for pid in &pids {
         args.extend(["--pid", pid.as_str()]);
     }
-    SpanAgent::start(&args, env)
+    Agent::start_exporting(&args, env)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -897,7 +873,7 @@ fn console_exporter_prints_the_trace_tree() {
     let (server, port, _www) = http_server();
     let spid = server.pid();
     let pid = spid.to_string();
-    let mut agent = SpanAgent::start(&["--exporter", "console", "--pid", &pid], &[]);
+    let mut agent = Agent::start_exporting(&["--exporter", "console", "--pid", &pid], &[]);
     let url = format!("http://127.0.0.1:{port}/hello.txt");
     curl_get(&url);
     // A trace is printed once it has been quiet for 500 ms.
@@ -949,7 +925,7 @@ fn jsonl_exporter_writes_otlp_json_lines_with_hex_ids() {
     let path = out.path().join("spans.jsonl");
     let path_arg = path.to_str().expect("utf-8 temp path").to_owned();
     let pid = spid.to_string();
-    let mut agent = SpanAgent::start(
+    let mut agent = Agent::start_exporting(
         &["--exporter", "jsonl", "--output", &path_arg, "--pid", &pid],
         &[],
     );
@@ -1072,7 +1048,7 @@ fn collector_down_then_up_gets_every_span_once() {
     let addr = reserved_port();
     let endpoint = format!("http://{addr}");
     let pid = spid.to_string();
-    let mut agent = SpanAgent::start(
+    let mut agent = Agent::start_exporting(
         &[
             "--exporter",
             "otlp",
@@ -1169,7 +1145,7 @@ fn tiny_queue_while_collector_down_keeps_the_first_spans_and_counts_the_rest() {
     let endpoint = format!("http://{addr}");
     let pid = spid.to_string();
     let queue = QUEUE.to_string();
-    let mut agent = SpanAgent::start(
+    let mut agent = Agent::start_exporting(
         &[
             "--exporter",
             "otlp",
