@@ -273,6 +273,7 @@ fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
             ),
             ("undecodable", pipeline.stats.decode_errors),
             ("dump lines unwritten", pipeline.stats.dump_errors),
+            ("of unknown connections", pipeline.stats.no_connection),
         ];
         let losses: Vec<String> = lost
             .iter()

@@ -112,16 +112,24 @@ pub enum UserspaceEventLoss {
     CaptureDecodeError,
     /// `capture`/`incomplete_syscall`: a syscall's records were incomplete, so it was dropped.
     CaptureIncompleteSyscall,
+    /// `pipeline`/`no_connection`: reassembled data or an exchange whose connection was no
+    /// longer known, so it could not be attributed and was dropped.
+    PipelineNoConnection,
 }
 
 impl UserspaceEventLoss {
     /// Every kind, to pre-create the series.
-    pub const ALL: [Self; 2] = [Self::CaptureDecodeError, Self::CaptureIncompleteSyscall];
+    pub const ALL: [Self; 3] = [
+        Self::CaptureDecodeError,
+        Self::CaptureIncompleteSyscall,
+        Self::PipelineNoConnection,
+    ];
 
     /// The `stage` label value.
     pub fn stage(self) -> &'static str {
         match self {
             Self::CaptureDecodeError | Self::CaptureIncompleteSyscall => "capture",
+            Self::PipelineNoConnection => "pipeline",
         }
     }
 
@@ -130,6 +138,7 @@ impl UserspaceEventLoss {
         match self {
             Self::CaptureDecodeError => "decode_error",
             Self::CaptureIncompleteSyscall => "incomplete_syscall",
+            Self::PipelineNoConnection => "no_connection",
         }
     }
 }
@@ -342,7 +351,8 @@ impl Metrics {
         registry.register(
             "userspace_lost_events",
             "Events the agent read but dropped, by stage and reason (capture/decode_error: \
-             undecodable record; capture/incomplete_syscall: a syscall's records were incomplete)",
+             undecodable record; capture/incomplete_syscall: a syscall's records were incomplete; \
+             pipeline/no_connection: data whose connection was unknown)",
             userspace_lost_events.clone(),
         );
         let userspace_lost_bytes = precreated(UserspaceByteLoss::ALL);
@@ -787,6 +797,7 @@ mod tests {
             "tracer_kernel_lost_bytes_total{reason=\"ringbuf_full\"} 0\n",
             "tracer_userspace_lost_events_total{stage=\"capture\",reason=\"decode_error\"} 0\n",
             "tracer_userspace_lost_events_total{stage=\"capture\",reason=\"incomplete_syscall\"} 0\n",
+            "tracer_userspace_lost_events_total{stage=\"pipeline\",reason=\"no_connection\"} 0\n",
             "tracer_userspace_lost_bytes_total{stage=\"streams\",reason=\"gap\"} 0\n",
             "tracer_userspace_lost_bytes_total{stage=\"streams\",reason=\"overflow\"} 0\n",
             "tracer_userspace_lost_bytes_total{stage=\"streams\",reason=\"duplicate\"} 0\n",

@@ -29,6 +29,8 @@ pub struct PipelineStats {
     pub events: u64,
     pub decode_errors: u64,
     pub dump_errors: u64,
+    /// Segments or exchanges dropped because their connection was unknown.
+    pub no_connection: u64,
     pub spans_created: u64,
     pub spans_sampled_out: u64,
     pub spans_queue_full: u64,
@@ -44,6 +46,15 @@ fn note_dump(stats: &mut PipelineStats, result: std::io::Result<()>) {
         }
         stats.dump_errors += 1;
     }
+}
+
+/// Counts data that cannot be attributed to a connection (the connection table should always
+/// have it: every record creates its entry), logging the first one.
+fn note_no_connection(stats: &mut PipelineStats) {
+    if stats.no_connection == 0 {
+        warn!("data of an unknown connection was dropped; counting further ones");
+    }
+    stats.no_connection += 1;
 }
 
 /// Where spans go, and what builds them.
@@ -189,6 +200,7 @@ impl<W: Write> Pipeline<W> {
         let mut segments = std::mem::take(&mut self.segments);
         for segment in segments.drain(..) {
             let Some(conn) = self.conns.get(segment.conn_id) else {
+                note_no_connection(&mut self.stats);
                 continue;
             };
             if segment.gap_before > 0
@@ -213,6 +225,7 @@ impl<W: Write> Pipeline<W> {
         };
         for exchange in self.exchanges.drain(..) {
             let Some(conn) = self.conns.get(exchange.conn_id) else {
+                note_no_connection(&mut self.stats);
                 continue;
             };
             let kind = match conn.role {
@@ -277,6 +290,10 @@ impl<W: Write> Pipeline<W> {
             (
                 UserspaceEventLoss::CaptureIncompleteSyscall,
                 self.assembler.incomplete,
+            ),
+            (
+                UserspaceEventLoss::PipelineNoConnection,
+                self.stats.no_connection,
             ),
         ] {
             metrics.observe_total(&metrics.userspace_lost_events(loss), total);
