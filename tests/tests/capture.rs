@@ -8,8 +8,8 @@ use std::{
 };
 
 use tracer_e2e::{
-    Agent, Checks, Events, Peer, STEP_TIMEOUT, TempDir, assert_stream, assert_tuple, data_summary,
-    hex, stream_problem, tuple_problem,
+    Agent, Checks, Data, Events, Peer, STEP_TIMEOUT, TempDir, assert_stream, assert_tuple,
+    data_summary, hex, stream_problem, tuple_problem,
 };
 
 /// A server that accepts one connection and plays rounds: read the client's message i (known
@@ -267,6 +267,80 @@ fn ipv4_client_of_dual_stack_server_prints_as_ipv4() {
         &CLIENT_MSGS,
         &SERVER_MSGS,
     );
+}
+
+/// A writev of several iovecs, one of them straddling a 4 KiB chunk boundary, is one data
+/// event carrying every byte in order (the probes pack iovecs into chunks).
+#[test]
+fn writev_of_several_iovecs_is_captured_whole() {
+    let script = r#"
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+c = socket.create_connection(srv.getsockname())
+s, _ = srv.accept()
+say("ready")
+wait()
+parts = [b"HTTP/1.1 200 OK\r\n", b"Content-Length: 5125\r\n\r\n", bytes(range(256)) * 20, b"", b"tail!"]
+n = os.writev(s.fileno(), parts)
+got = recv_exact(c, n)
+say("sent", n)
+wait()
+"#;
+    let mut peer = Peer::python("writev", script, &[]);
+    assert_eq!(peer.expect("ready"), "");
+    let pid = peer.pid();
+    let mut agent = start_agent(&["--pid".to_owned(), pid.to_string()]);
+    peer.send("go");
+    let sent: u64 = peer.expect_num("sent");
+    let mut expected = b"HTTP/1.1 200 OK\r\nContent-Length: 5125\r\n\r\n".to_vec();
+    for _ in 0..20 {
+        expected.extend(0..=255u8);
+    }
+    expected.extend_from_slice(b"tail!");
+    assert_eq!(sent, expected.len() as u64);
+    let events = agent.wait_events("the writev and its read", STEP_TIMEOUT, |events| {
+        events.data.iter().any(|d| d.syscall == "writev")
+            && events
+                .data
+                .iter()
+                .filter(|d| d.direction == "read")
+                .map(|d| d.len)
+                .sum::<u64>()
+                >= sent
+    });
+    let writes: Vec<&Data> = events
+        .data
+        .iter()
+        .filter(|d| d.pid == pid && d.direction == "write")
+        .collect();
+    assert_eq!(
+        writes.len(),
+        1,
+        "one writev, one event:\n{}",
+        agent.report()
+    );
+    let write = writes[0];
+    assert_eq!(write.syscall, "writev");
+    assert_eq!((write.len, write.captured), (sent, sent));
+    assert!(!write.truncated);
+    assert!(
+        write.data == expected,
+        "writev bytes differ:\n{}",
+        write.line
+    );
+    let read = events.stream(
+        events
+            .data
+            .iter()
+            .find(|d| d.pid == pid && d.direction == "read")
+            .expect("the read side")
+            .conn,
+        "read",
+    );
+    assert_eq!(read.map(|s| s.bytes), Ok(expected));
+    peer.send("go");
+    agent.stop_ok();
 }
 
 #[test]

@@ -782,11 +782,15 @@ struct CopyState {
     /// Bytes still to capture.
     remaining: u64,
     captured: u64,
+    /// Bytes staged in the current chunk: iovecs are packed into one chunk rather than one
+    /// record each (a header + body writev is one record, not two).
+    fill: u64,
     /// 1 once the LAST chunk has gone out or copying stopped.
     done: u64,
 }
 
-/// One step of a payload copy: moves to the next iovec, or copies and sends one chunk.
+/// One step of a payload copy: moves to the next iovec, or copies into the staged chunk and
+/// sends it once full or complete.
 /// Runs under bpf_loop, so the verifier checks it once instead of once per unrolled iteration.
 extern "C" fn copy_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -809,16 +813,22 @@ extern "C" fn copy_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         state.seg_left = seg.len;
         return 0;
     }
+    // The staged chunk is flushed when full, so fill < CHUNK_SIZE here; the mask says so to
+    // the verifier, and offset + n stays inside the 2 x CHUNK_SIZE staging area.
+    let offset = state.fill & (CHUNK_SIZE as u64 - 1);
     let mut n = state.remaining;
     if n > state.seg_left {
         n = state.seg_left;
+    }
+    if n > CHUNK_SIZE as u64 - offset {
+        n = CHUNK_SIZE as u64 - offset;
     }
     if n > CHUNK_SIZE as u64 {
         n = CHUNK_SIZE as u64;
     }
     let ret = unsafe {
         bpf_probe_read_user(
-            (*scratch).data.as_mut_ptr() as *mut _,
+            (*scratch).data.as_mut_ptr().add(offset as usize) as *mut _,
             (n as u32) & (CHUNK_SIZE as u32 * 2 - 1),
             state.seg_base as *const _,
         )
@@ -832,8 +842,12 @@ extern "C" fn copy_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     state.seg_left -= n;
     state.remaining -= n;
     state.captured += n;
+    state.fill = offset + n;
     let last = state.remaining == 0;
-    flush_chunk(scratch, n, last);
+    if last || state.fill >= CHUNK_SIZE as u64 {
+        flush_chunk(scratch, state.fill, last);
+        state.fill = 0;
+    }
     if last {
         state.done = 1;
         return 1;
@@ -855,6 +869,7 @@ fn emit_payload(scratch: *mut Scratch, source: Source, total: u64, limit: u64) -
         seg_left: 0,
         remaining: want,
         captured: 0,
+        fill: 0,
         done: 0,
     };
     match source {
@@ -883,10 +898,11 @@ fn emit_payload(scratch: *mut Scratch, source: Source, total: u64, limit: u64) -
     let state = unsafe { &(*scratch).copy };
     let captured = state.captured;
     if state.done == 0 {
-        // Stopped early (iovec limit, failed copy): end with an empty LAST chunk so the agent
-        // knows the syscall is complete.
+        // Stopped early (iovec limit, failed copy): send what is staged as the LAST chunk so
+        // the agent knows the syscall is complete.
+        let staged = state.fill;
         unsafe { (*scratch).event.flags |= data_flags::TRUNCATED };
-        flush_chunk(scratch, 0, true);
+        flush_chunk(scratch, staged, true);
     }
     captured
 }
