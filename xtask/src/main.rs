@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match args.task {
-        Task::Setup => setup::test_deps(),
+        Task::Setup => setup::test_deps(&root),
         Task::Build => {
             setup::build_deps()?;
             build_agent(true)
@@ -120,7 +120,7 @@ fn build_agent(release: bool) -> anyhow::Result<()> {
 }
 
 fn test(root: &Path, no_lint: bool, args: &[String]) -> anyhow::Result<()> {
-    setup::test_deps()?;
+    setup::test_deps(root)?;
     if !setup::is_root() {
         bail!("the end-to-end tests load eBPF probes: run `sudo -E cargo xtask test`");
     }
@@ -147,7 +147,8 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> anyhow::Result<()> {
         // Every failing test binary is reported, not just the first.
         .args(["test", "--workspace", "--no-fail-fast", "--"])
         .args(args)
-        .env("TRACER_AGENT_BIN", &agent))?;
+        .env("TRACER_AGENT_BIN", &agent)
+        .env("TRACER_E2E_VENV", setup::venv_dir(root)))?;
     eprintln!("xtask: all tests passed in {:.0?}", start.elapsed());
     Ok(())
 }

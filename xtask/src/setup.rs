@@ -2,7 +2,11 @@
 //! rustup: Debian's Rust (its `core` for bpfel-unknown-none makes -Z build-std unnecessary),
 //! LLVM 22 for bpf-linker, bpf-linker itself, and the test peers. Each step checks first and
 //! is skipped when already done, so repeated runs cost a few process spawns.
-use std::{path::Path, process::Command, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -21,7 +25,15 @@ const BUILD_PACKAGES: &[&str] = &[
 
 /// Real peers the end-to-end tests trace (python3 and curl come with the machine image, but a
 /// fresh one may lack them).
-const TEST_PACKAGES: &[&str] = &["curl", "python3", "libcap2-bin", "iproute2"];
+const TEST_PACKAGES: &[&str] = &[
+    "curl",
+    "python3",
+    "python3-venv",
+    "libcap2-bin",
+    "iproute2",
+    "nginx-light",
+    "nodejs",
+];
 
 /// The saturated web server and the load generator of `cargo xtask bench` (part C).
 const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk"];
@@ -118,9 +130,43 @@ pub fn build_deps() -> anyhow::Result<()> {
 }
 
 /// Build dependencies plus the programs the end-to-end tests run.
-pub fn test_deps() -> anyhow::Result<()> {
+pub fn test_deps(root: &Path) -> anyhow::Result<()> {
     build_deps()?;
     apt_install(&missing_packages(TEST_PACKAGES))?;
+    python_env(root)?;
+    Ok(())
+}
+
+/// Where the tests' Python packages live (tests/requirements.txt); the tests find it through
+/// TRACER_E2E_VENV.
+pub fn venv_dir(root: &Path) -> PathBuf {
+    root.join("target").join("e2e-venv")
+}
+
+/// Creates the virtual environment and installs tests/requirements.txt into it, unless the
+/// same requirements are installed already.
+fn python_env(root: &Path) -> anyhow::Result<()> {
+    let venv = venv_dir(root);
+    let requirements = root.join("tests").join("requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let stamp = venv.join("installed-requirements.txt");
+    if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        return Ok(());
+    }
+    let start = step("installing the tests' Python packages (tests/requirements.txt)");
+    if !venv.join("bin").join("python").exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+            "creating a Python virtual environment; on Debian's python3 it needs the \
+             python3-venv package",
+        )?;
+    }
+    run(Command::new(venv.join("bin").join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements))
+    .context("installing tests/requirements.txt from PyPI")?;
+    std::fs::write(&stamp, wanted)?;
+    done(start);
     Ok(())
 }
 
