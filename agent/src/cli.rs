@@ -1,9 +1,39 @@
 //! Command line of `tracer-agent`. Every option documents itself here; clap turns the doc
 //! comments into `--help`.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, ValueEnum, builder::PossibleValuesParser};
 use tracer_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
+
+use crate::{
+    config::parse_duration,
+    export::{
+        OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL,
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+    },
+    sample::{OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG, Sampler, parse_ratio},
+};
+
+/// The OpenTelemetry variables an option falls back to, in order, when neither its flag, its
+/// TRACER_AGENT_ variable nor the config file sets it (shown by --print-config).
+pub const OTEL_FALLBACKS: &[(&str, &[&str])] = &[
+    (
+        "otlp-endpoint",
+        &[
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+            OTEL_EXPORTER_OTLP_ENDPOINT,
+        ],
+    ),
+    (
+        "otlp-protocol",
+        &[
+            OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+            OTEL_EXPORTER_OTLP_PROTOCOL,
+        ],
+    ),
+    ("sampler", &[OTEL_TRACES_SAMPLER]),
+    ("sampler-arg", &[OTEL_TRACES_SAMPLER_ARG]),
+];
 
 /// tracer-agent: distributed traces for processes that carry no tracing code.
 ///
@@ -16,8 +46,18 @@ use tracer_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 ///   sudo tracer-agent --pid 1234 --otlp-endpoint http://127.0.0.1:4318   # spans to a collector
 ///   sudo tracer-agent --pid 1234 --dump          # watch what process 1234 sends and receives
 ///   sudo tracer-agent --all --metrics-addr 127.0.0.1:9464
+///   sudo tracer-agent --config /etc/tracer-agent.toml --print-config   # what would run
 #[derive(Parser, Debug, Clone)]
-#[command(name = "tracer-agent", version, verbatim_doc_comment)]
+#[command(
+    name = "tracer-agent",
+    version,
+    verbatim_doc_comment,
+    after_help = "Every option is also an environment variable TRACER_AGENT_<OPTION> \
+                  (TRACER_AGENT_OTLP_ENDPOINT=...; lists comma-separated, switches true/false) \
+                  and a key of the --config file (otlp-endpoint = \"...\"). Precedence: flag, \
+                  then variable, then config file, then default; OTEL_* variables apply only \
+                  where none of these set the option. --print-config shows the result."
+)]
 pub struct Cli {
     /// Trace this process, its existing children and every process it forks from now on.
     /// Repeat for several processes.
@@ -108,6 +148,41 @@ pub struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Head sampler for new traces. Default: OTEL_TRACES_SAMPLER, else parentbased_always_on
+    /// (keep every trace; follow a caller's propagated sampled flag).
+    #[arg(
+        long,
+        value_name = "NAME",
+        value_parser = PossibleValuesParser::new(Sampler::NAMES),
+        help_heading = "Sampling"
+    )]
+    pub sampler: Option<String>,
+
+    /// Share of traces the traceidratio samplers keep, from 0 to 1. Default:
+    /// OTEL_TRACES_SAMPLER_ARG, else 1.
+    #[arg(long, value_name = "RATIO", value_parser = parse_ratio, help_heading = "Sampling")]
+    pub sampler_arg: Option<f64>,
+
+    /// Export spans whose status is Error (5xx; 4xx or no response for a client) even when
+    /// the sampler dropped their trace. Counted in tracer_spans_kept_total{reason="error"}.
+    #[arg(long, help_heading = "Sampling")]
+    pub keep_errors: bool,
+
+    /// Export spans that took longer than this (e.g. 250ms, 1.5s) even when the sampler
+    /// dropped their trace. Counted in tracer_spans_kept_total{reason="slow"}.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = "Sampling")]
+    pub keep_slower_than: Option<Duration>,
+
+    /// TOML file of options (`capture-limit = 4096`, `pid = [1, 2]`, `keep-errors = true`);
+    /// unknown keys are refused. Default: TRACER_AGENT_CONFIG, else none.
+    #[arg(long, value_name = "PATH", help_heading = "Configuration")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration as a config file, with where each value came from,
+    /// and exit.
+    #[arg(long, help_heading = "Configuration")]
+    pub print_config: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

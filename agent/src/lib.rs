@@ -5,6 +5,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod conntrack;
 pub mod dump;
 pub mod export;

@@ -9,21 +9,21 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use log::{info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 use tracer_common::counter;
 
 use tracer_agent::{
     capture::{self, KernelCounters, ProbeConfig, Probes},
-    cli::{Cli, ExporterChoice, ProtocolChoice},
+    cli::{Cli, ExporterChoice, OTEL_FALLBACKS, ProtocolChoice},
     clock::Clock,
+    config::{self, ConfigError},
     dump::Dump,
     export::{ExportConfig, Exporter, ExporterKind, OtlpProtocol},
     metrics::{self, KernelLoss, Metrics},
     pipeline::{Pipeline, SpanStage},
     resource::ResourceBuilder,
-    sample::Sampler,
+    sample::{self, KeepPolicy, KeepReason, Sampler},
     spans::SpanFactory,
     streams::StreamLimits,
 };
@@ -54,7 +54,26 @@ fn exporter_kind(cli: &Cli) -> Option<ExporterKind> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let env = |name: &str| std::env::var(name).ok();
+    let cli = match config::load::<Cli>(std::env::args_os().collect(), &env) {
+        Ok(loaded) if loaded.value.print_config => {
+            print!("{}", loaded.effective.to_toml(OTEL_FALLBACKS, &env));
+            return ExitCode::SUCCESS;
+        }
+        Ok(loaded) => loaded.value,
+        Err(ConfigError::Cli { error, note }) => {
+            // clap prints help and version on stdout (exit 0), usage errors on stderr (exit 2).
+            let _ = error.print();
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
+        }
+        Err(err) => {
+            eprintln!("tracer-agent: error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
         .format_target(false)
         .init();
@@ -93,7 +112,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     // Exporter and sampler settings fail here, before any probe is loaded.
-    let sampler = Sampler::from_env(|key| std::env::var(key).ok())?;
+    let sampler = Sampler::resolve(cli.sampler.as_deref(), cli.sampler_arg, |key| {
+        std::env::var(key).ok()
+    })?;
+    if cli.sampler_arg.is_some() && sampler.ratio().is_none() {
+        warn!("--sampler-arg is ignored: the sampler {sampler:?} takes no ratio");
+    }
+    let keep = KeepPolicy {
+        errors: cli.keep_errors,
+        slower_than: cli.keep_slower_than,
+    };
+    if keep.is_active() {
+        info!(
+            "sampling: {sampler:?}; also exporting spans {}",
+            [
+                keep.errors.then(|| "with an error status".to_owned()),
+                keep.slower_than.map(|d| format!("slower than {d:?}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" or ")
+        );
+        sample::install_keep_policy(keep);
+    }
     let exporter = match exporter_kind(&cli) {
         Some(kind) => {
             let config = ExportConfig::from_env(kind)?;
@@ -248,6 +290,12 @@ fn publish(
         kernel.get(counter::LOSS_RINGBUF_FULL_BYTES),
     );
     pipeline.publish(metrics);
+    for reason in KeepReason::ALL {
+        metrics.observe_total(
+            &metrics.spans_kept(reason.as_str()),
+            sample::kept_total(reason),
+        );
+    }
     // With --all the kernel keeps no list: count the processes seen with connections. With
     // --pid, walking /proc for descendants costs more, so it is refreshed every 10 s.
     if trace_all {

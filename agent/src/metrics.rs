@@ -291,6 +291,7 @@ pub struct Metrics {
     spans_dropped: Family<SpanDrop, Counter>,
     /// Whether a drop of each [`SpanDrop`] reason was logged already (index: `SpanDrop::index`).
     span_drop_logged: [AtomicBool; SpanDrop::ALL.len()],
+    spans_kept: Family<[(&'static str, &'static str); 1], Counter>,
     kernel_lost_events: Family<KernelLoss, Counter>,
     kernel_lost_bytes: Family<KernelLoss, Counter>,
     userspace_lost_events: Family<UserspaceEventLoss, Counter>,
@@ -421,6 +422,13 @@ impl Metrics {
              when the agent stopped; sampled_out: not kept by the sampler)",
             spans_dropped.clone(),
         );
+        let spans_kept = precreated([[("reason", "error")], [("reason", "slow")]]);
+        registry.register(
+            "spans_kept",
+            "Spans the sampler dropped but --keep-errors (error) or --keep-slower-than (slow) \
+             exported anyway",
+            spans_kept.clone(),
+        );
         let export_errors = Counter::default();
         registry.register(
             "export_errors",
@@ -460,6 +468,7 @@ impl Metrics {
             export_queue_length,
             spans_dropped,
             span_drop_logged: Default::default(),
+            spans_kept,
             parse_errors,
             readiness: Mutex::new(Readiness {
                 ready: false,
@@ -500,6 +509,11 @@ impl Metrics {
 
     pub fn spans_dropped(&self, reason: SpanDrop) -> Counter {
         self.spans_dropped.get_or_create_owned(&reason)
+    }
+
+    /// `tracer_spans_kept_total{reason}` (`error`, `slow`): spans exported although sampled out.
+    pub fn spans_kept(&self, reason: &'static str) -> Counter {
+        self.spans_kept.get_or_create_owned(&[("reason", reason)])
     }
 
     /// Counts `count` spans dropped for `reason`; the first drop of each reason is logged (as a

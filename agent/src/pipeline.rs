@@ -245,7 +245,8 @@ impl<W: Write> Pipeline<W> {
                 }
                 *count += 1;
             }
-            if !built.sampled {
+            // --keep-errors/--keep-slower-than export some spans the sampler dropped (sample.rs).
+            if !built.sampled && !crate::sample::keep_anyway(&built.span) {
                 self.stats.spans_sampled_out += 1;
                 continue;
             }
