@@ -1,6 +1,7 @@
 //! Developer tasks. `cargo xtask run -- ARGS` and `cargo xtask test` are the two README
 //! commands; both install what is missing first (see `setup`).
 mod bench;
+mod manifests;
 mod setup;
 
 use std::{
@@ -139,6 +140,7 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> anyhow::Result<()> {
             "warnings",
         ]))?;
     }
+    manifests::check(root)?;
     // One debug build of the agent, shared by every end-to-end test (they run the binary).
     build_agent(false)?;
     let agent = root.join("target/debug/tracer-agent");

@@ -33,6 +33,8 @@ const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "nginx-light",
     "nodejs",
+    // systemd-analyze, which checks deploy/tracer-agent.service (systemd need not run).
+    "systemd",
 ];
 
 /// The saturated web server and the load generator of `cargo xtask bench` (part C).

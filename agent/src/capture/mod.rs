@@ -3,8 +3,9 @@
 //! of the agent; nothing else touches aya.
 pub mod assemble;
 pub mod decode;
+pub mod privileges;
 
-use std::{fs, io, os::fd::AsRawFd, path::Path};
+use std::{io, os::fd::AsRawFd, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -33,11 +34,8 @@ pub struct ProbeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error(
-        "tracer-agent needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN, to \
-         load eBPF probes: run it with sudo"
-    )]
-    NotPermitted,
+    #[error(transparent)]
+    NotPermitted(#[from] privileges::MissingCapabilities),
     #[error(
         "tracefs is not mounted at {TRACEFS} and mounting it failed ({source}); mount it with \
          `mount -t tracefs tracefs {TRACEFS}` and try again"
@@ -106,9 +104,7 @@ impl KernelCounters {
 
 /// Checks what the kernel and our privileges allow, fixing what we can (tracefs).
 pub fn preflight() -> Result<(), CaptureError> {
-    if !has_privileges() {
-        return Err(CaptureError::NotPermitted);
-    }
+    privileges::check()?;
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         warn!("kernel BTF (/sys/kernel/btf/vmlinux) is missing; loading may fail on this kernel");
     }
@@ -119,27 +115,6 @@ pub fn preflight() -> Result<(), CaptureError> {
         info!("mounted tracefs at {TRACEFS}");
     }
     Ok(())
-}
-
-fn has_privileges() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Ok(status) = fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    [CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF]
-        .iter()
-        .all(|cap| effective & (1 << cap) != 0)
 }
 
 fn mount_tracefs() -> io::Result<()> {
@@ -327,7 +302,10 @@ where
 fn load_hint(err: &aya::EbpfError) -> String {
     let text = format!("{err:?}");
     if text.contains("EPERM") || text.contains("Operation not permitted") {
-        "permission denied: run as root (or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)".to_owned()
+        // The capabilities were checked before loading: something else refuses.
+        "permission denied although the agent has the capabilities it needs: a seccomp profile \
+         or a security module (SELinux, AppArmor) refuses bpf() (README, \"Deploying\")"
+            .to_owned()
     } else if text.contains("verifier") {
         "the kernel verifier rejected a program (run with --log-level debug for its log)".to_owned()
     } else {
