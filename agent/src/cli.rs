@@ -61,7 +61,7 @@ pub const OTEL_FALLBACKS: &[(&str, &[&str])] = &[
 pub struct Cli {
     /// Trace this process, its existing children and every process it forks from now on.
     /// Repeat for several processes.
-    #[arg(long = "pid", value_name = "PID", required_unless_present = "all")]
+    #[arg(long = "pid", value_name = "PID", required_unless_present_any = ["all", "exes", "ports"])]
     pub pids: Vec<u32>,
 
     /// Trace every process on the host except the agent itself.
@@ -144,6 +144,9 @@ pub struct Cli {
     /// real probes, to measure the cost floor. Captures nothing.
     #[arg(long, hide = true)]
     pub probe_floor: bool,
+
+    #[command(flatten)]
+    pub selection: crate::select::SelectionArgs,
 
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]

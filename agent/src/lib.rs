@@ -16,6 +16,7 @@ pub mod procfs_sockets;
 pub mod protocols;
 pub mod resource;
 pub mod sample;
+pub mod select;
 pub mod spans;
 pub mod streams;
 pub mod tracecontext;

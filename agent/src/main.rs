@@ -24,6 +24,7 @@ use tracer_agent::{
     pipeline::{Pipeline, SpanStage},
     resource::ResourceBuilder,
     sample::{self, KeepPolicy, KeepReason, Sampler},
+    select::{Selection, Selector},
     spans::SpanFactory,
     streams::StreamLimits,
 };
@@ -144,14 +145,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
 
+    let selection = Selection::new(cli.all, &cli.pids, &cli.selection)?;
     capture::preflight()?;
     let mut probes = capture::load(&ProbeConfig {
         trace_all: cli.all,
         pids: cli.pids.clone(),
+        watch: selection.watch(),
         capture_limit: cli.capture_limit,
         ring_buffer_bytes: cli.ring_buffer_bytes,
         floor: cli.probe_floor,
     })?;
+    let mut selector = selection.start(&mut probes);
     metrics.probes_attached.set(probes.attached as u64);
     metrics.set_ready(true, "all probes attached");
 
@@ -174,7 +178,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Some(exporter),
             Some(SpanStage {
                 factory: SpanFactory::new(clock, sampler),
-                resources: ResourceBuilder::from_env(),
+                resources: ResourceBuilder::from_env()
+                    .with_kubelet_logs(&cli.selection.k8s_log_dir),
                 export: handle,
             }),
         ),
@@ -204,11 +209,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             guard = probes.events.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut pipeline);
+                drain(guard.get_inner_mut(), &mut pipeline, &mut selector);
                 guard.clear_ready();
             }
             _ = drain_timer.tick() => {
-                drain(probes.events.get_mut(), &mut pipeline);
+                drain(probes.events.get_mut(), &mut pipeline, &mut selector);
                 ticks += 1;
                 if ticks.is_multiple_of(10) {
                     pipeline.tick(Clock::monotonic_now());
@@ -218,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let refresh = ticks % 1000 == 10;
                     if refresh {
                         pipeline.sweep();
+                        selector.sweep();
                     }
                     publish(&metrics, &probes, &pipeline, &kernel, cli.all, refresh);
                     if !status_every.is_zero() && last_status.elapsed() >= status_every {
@@ -235,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Stop the probes first, so nothing is written after the last drain; then report the
     // totals once.
     probes.detach();
-    drain(probes.events.get_mut(), &mut pipeline);
+    drain(probes.events.get_mut(), &mut pipeline, &mut selector);
     pipeline.tick(u64::MAX);
     pipeline.flush();
     let kernel = probes.counters();
@@ -252,9 +258,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// Runs every record waiting in the ring buffer through the pipeline.
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline<impl Write>) {
+/// Exec and listen records, and records of processes the selection turned down, stop at the
+/// selector.
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    pipeline: &mut Pipeline<impl Write>,
+    selector: &mut Selector,
+) {
     let mut any = false;
     while let Some(item) = ring.next() {
+        if selector.intercept(&item) {
+            continue;
+        }
         pipeline.handle(&item);
         any = true;
     }

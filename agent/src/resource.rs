@@ -10,7 +10,21 @@
 //!
 //! The agent's own `OTEL_RESOURCE_ATTRIBUTES` are added to every process's resource, below the
 //! process's own attributes.
-use std::{collections::HashMap, path::Path, sync::Arc};
+//!
+//! Where each attribute comes from (all read once per process, with no API server access):
+//!
+//! | attribute | source |
+//! |---|---|
+//! | `service.name` | the rules above |
+//! | `process.pid`, `process.executable.name`/`path` | the probes, `/proc/PID/exe` |
+//! | `container.id`, `k8s.pod.uid` | `/proc/PID/cgroup` (see `cgroup`) |
+//! | `k8s.namespace.name`, `k8s.pod.name`, `k8s.container.name` | the kubelet's log directory: `containers/<pod>_<namespace>_<container>-<container.id>.log`, else (no container name) `pods/<namespace>_<pod>_<k8s.pod.uid>/` |
+//! | anything in `OTEL_RESOURCE_ATTRIBUTES` | the process's environment, then the agent's |
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
@@ -140,28 +154,152 @@ fn language(exe_name: &str) -> Option<&'static str> {
         .filter(|lang| *lang != "perl")
 }
 
-/// The service name derived from the command line (rule 4 above).
-pub fn derived_service_name(info: &ProcessInfo) -> String {
+/// What an interpreter runs, from its command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Script<'a> {
+    /// A script file, as given (`app.py`, `/srv/app.py`).
+    File(&'a str),
+    /// A module (`python3 -m http.server`).
+    Module(&'a str),
+}
+
+/// The script or module run by `exe_name` when it is a known interpreter: the first argument
+/// that is not an option, or the one after `-m`. None for inline code (`-c`, `-e`).
+pub fn interpreter_script<'a>(exe_name: &str, cmdline: &'a [String]) -> Option<Script<'a>> {
     let is_interpreter = INTERPRETERS
         .iter()
-        .any(|(prefix, _)| info.exe_name.starts_with(prefix));
-    if is_interpreter {
-        let mut args = info.cmdline.iter().skip(1);
-        while let Some(arg) = args.next() {
-            if arg == "-m" {
-                if let Some(module) = args.next() {
-                    return module.clone();
-                }
-            } else if arg == "-c" || arg == "-e" {
-                break;
-            } else if !arg.starts_with('-')
-                && let Some(stem) = Path::new(arg).file_stem()
-            {
-                return stem.to_string_lossy().into_owned();
-            }
+        .any(|(prefix, _)| exe_name.starts_with(prefix));
+    if !is_interpreter {
+        return None;
+    }
+    let mut args = cmdline.iter().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "-m" {
+            return args.next().map(|module| Script::Module(module));
+        } else if arg == "-c" || arg == "-e" {
+            return None;
+        } else if !arg.starts_with('-') {
+            return Some(Script::File(arg));
         }
     }
-    info.exe_name.clone()
+    None
+}
+
+/// The service name derived from the command line (rule 4 above).
+pub fn derived_service_name(info: &ProcessInfo) -> String {
+    match interpreter_script(&info.exe_name, &info.cmdline) {
+        Some(Script::Module(module)) => module.to_owned(),
+        Some(Script::File(file)) => match Path::new(file).file_stem() {
+            Some(stem) => stem.to_string_lossy().into_owned(),
+            None => info.exe_name.clone(),
+        },
+        None => info.exe_name.clone(),
+    }
+}
+
+/// Kubernetes names of a container, as the node's kubelet log directory shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodNames {
+    pub namespace: String,
+    pub pod: String,
+    /// Known only from the container's log link, which names its container id.
+    pub container: Option<String>,
+}
+
+/// The kubelet's log directory (`/var/log` on a node): readable without privileges beyond the
+/// files, unlike the kubelet or runtime APIs. The kubelet names what it writes there:
+/// * `containers/<pod>_<namespace>_<container>-<container id>.log`, a link to
+/// * `pods/<namespace>_<pod>_<pod uid>/<container>/<restart>.log`.
+///
+/// Names cannot hold `_` (they are DNS labels and subdomains), so the split is unambiguous.
+#[derive(Clone, Debug)]
+pub struct KubeletLogs {
+    dir: PathBuf,
+}
+
+impl KubeletLogs {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Names for a process with this container identity: by container id (all three names),
+    /// else by pod UID (namespace and pod). None when the directory does not know them.
+    pub fn names(&self, container: &ContainerInfo) -> Option<PodNames> {
+        let uid = container.pod_uid.as_deref();
+        if let Some(id) = &container.container_id
+            && let Some(names) = self.by_container(id, uid)
+        {
+            return Some(names);
+        }
+        self.by_pod(uid?)
+    }
+
+    fn by_container(&self, id: &str, uid: Option<&str>) -> Option<PodNames> {
+        let suffix = format!("-{id}.log");
+        for entry in std::fs::read_dir(self.dir.join("containers"))
+            .ok()?
+            .flatten()
+        {
+            let file = entry.file_name();
+            let Some(stem) = file.to_str().and_then(|f| f.strip_suffix(&suffix)) else {
+                continue;
+            };
+            let mut parts = stem.split('_');
+            let (Some(pod), Some(namespace), Some(container), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if ![pod, namespace, container].iter().all(|n| is_k8s_name(n)) {
+                continue;
+            }
+            // The link names the pod's directory, UID included: it must be this pod's.
+            if let Some(uid) = uid
+                && let Ok(target) = std::fs::read_link(entry.path())
+            {
+                let pod_dir = format!("{namespace}_{pod}_{uid}");
+                if !target.iter().any(|c| c.to_str() == Some(pod_dir.as_str())) {
+                    continue;
+                }
+            }
+            return Some(PodNames {
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+                container: Some(container.to_owned()),
+            });
+        }
+        None
+    }
+
+    fn by_pod(&self, uid: &str) -> Option<PodNames> {
+        let suffix = format!("_{uid}");
+        for entry in std::fs::read_dir(self.dir.join("pods")).ok()?.flatten() {
+            let file = entry.file_name();
+            let Some(stem) = file.to_str().and_then(|f| f.strip_suffix(&suffix)) else {
+                continue;
+            };
+            if let Some((namespace, pod)) = stem.split_once('_')
+                && is_k8s_name(namespace)
+                && is_k8s_name(pod)
+            {
+                return Some(PodNames {
+                    namespace: namespace.to_owned(),
+                    pod: pod.to_owned(),
+                    container: None,
+                });
+            }
+        }
+        None
+    }
+}
+
+/// A DNS label or subdomain, as Kubernetes names are.
+fn is_k8s_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 /// Builds resources; knows the agent-wide settings.
@@ -169,6 +307,7 @@ pub struct ResourceBuilder {
     host_name: String,
     agent_service_name: Option<String>,
     agent_attributes: Vec<(String, String)>,
+    kubelet_logs: Option<KubeletLogs>,
 }
 
 impl ResourceBuilder {
@@ -191,7 +330,14 @@ impl ResourceBuilder {
             host_name: host_name(),
             agent_service_name,
             agent_attributes,
+            kubelet_logs: None,
         }
+    }
+
+    /// Takes Kubernetes names from this kubelet log directory (`--k8s-log-dir`).
+    pub fn with_kubelet_logs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.kubelet_logs = Some(KubeletLogs::new(dir));
+        self
     }
 
     pub fn build(&self, info: &ProcessInfo) -> Arc<Resource> {
@@ -239,6 +385,20 @@ impl ResourceBuilder {
         }
         if let Some(uid) = &info.container.pod_uid {
             set("k8s.pod.uid", uid.clone().into());
+        }
+        let in_container =
+            info.container.container_id.is_some() || info.container.pod_uid.is_some();
+        if in_container
+            && let Some(names) = self
+                .kubelet_logs
+                .as_ref()
+                .and_then(|k| k.names(&info.container))
+        {
+            set("k8s.namespace.name", names.namespace.into());
+            set("k8s.pod.name", names.pod.into());
+            if let Some(container) = names.container {
+                set("k8s.container.name", container.into());
+            }
         }
         set("telemetry.sdk.name", "tracer-agent".into());
         set("telemetry.sdk.version", env!("CARGO_PKG_VERSION").into());
@@ -360,6 +520,79 @@ mod tests {
         let plain =
             ResourceBuilder::new(None, vec![]).build(&info("python3.11", &["python3", "app.py"]));
         assert_eq!(attr(&plain, "service.name").as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn kubernetes_names_from_the_kubelet_log_directory() {
+        const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        const OTHER: &str = "aaaabbbbccccddddeeeeffff0000111122223333444455556666777788889999";
+        const UID: &str = "1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d";
+        let dir = std::env::temp_dir().join(format!("tracer-kubelet-logs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pod_dir = dir.join(format!("pods/shop_checkout-7d9f_{UID}/web"));
+        std::fs::create_dir_all(&pod_dir).unwrap();
+        std::fs::create_dir_all(dir.join("containers")).unwrap();
+        std::fs::write(pod_dir.join("0.log"), "").unwrap();
+        std::os::unix::fs::symlink(
+            format!("/var/log/pods/shop_checkout-7d9f_{UID}/web/0.log"),
+            dir.join(format!("containers/checkout-7d9f_shop_web-{ID}.log")),
+        )
+        .unwrap();
+        // A link whose target names another pod UID is not believed.
+        std::os::unix::fs::symlink(
+            "/var/log/pods/shop_other_00000000-0000-0000-0000-000000000000/web/0.log",
+            dir.join(format!("containers/other_shop_web-{OTHER}.log")),
+        )
+        .unwrap();
+        let logs = KubeletLogs::new(&dir);
+        let container = |id: Option<&str>, uid: Option<&str>| ContainerInfo {
+            container_id: id.map(str::to_owned),
+            pod_uid: uid.map(str::to_owned),
+            ..Default::default()
+        };
+        let full = PodNames {
+            namespace: "shop".into(),
+            pod: "checkout-7d9f".into(),
+            container: Some("web".into()),
+        };
+        assert_eq!(
+            logs.names(&container(Some(ID), Some(UID))),
+            Some(full.clone())
+        );
+        assert_eq!(logs.names(&container(Some(ID), None)), Some(full));
+        let pod_only = PodNames {
+            container: None,
+            ..logs.names(&container(Some(ID), None)).unwrap()
+        };
+        assert_eq!(
+            logs.names(&container(None, Some(UID))),
+            Some(pod_only.clone())
+        );
+        assert_eq!(
+            logs.names(&container(Some(OTHER), Some(UID))),
+            Some(pod_only)
+        );
+        assert_eq!(
+            logs.names(&container(Some(OTHER), None)).map(|n| n.pod),
+            Some("other".into())
+        );
+        assert_eq!(logs.names(&container(None, None)), None);
+        assert_eq!(
+            KubeletLogs::new("/nonexistent").names(&container(Some(ID), Some(UID))),
+            None
+        );
+
+        let builder = ResourceBuilder::new(None, vec![]).with_kubelet_logs(&dir);
+        let mut p = info("python3.11", &["python3", "app.py"]);
+        p.container = container(Some(ID), Some(UID));
+        let r = builder.build(&p);
+        assert_eq!(attr(&r, "k8s.namespace.name").as_deref(), Some("shop"));
+        assert_eq!(attr(&r, "k8s.pod.name").as_deref(), Some("checkout-7d9f"));
+        assert_eq!(attr(&r, "k8s.container.name").as_deref(), Some("web"));
+        // A host process gets no Kubernetes names, whatever the directory holds.
+        let r = builder.build(&info("nginx", &["nginx"]));
+        assert_eq!(attr(&r, "k8s.pod.name"), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

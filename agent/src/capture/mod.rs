@@ -5,16 +5,25 @@ pub mod assemble;
 pub mod decode;
 pub mod privileges;
 
-use std::{io, os::fd::AsRawFd, path::Path};
+use std::{
+    fs, io,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    ptr::NonNull,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    },
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, Map, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, trace_point::TracePointLinkId},
 };
 use log::{debug, info, warn};
 use tokio::io::unix::AsyncFd;
-use tracer_common::{TRACED_PID_LIMIT, TracedSet, counter};
+use tracer_common::{TRACED_PID_LIMIT, TracedSet, counter, traced};
 
 /// The probes, built by build.rs from ebpf-probes/kernel.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-probes"));
@@ -26,10 +35,24 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 pub struct ProbeConfig {
     pub trace_all: bool,
     pub pids: Vec<u32>,
+    /// Which process events the selection needs from the probes.
+    pub watch: Watch,
     pub capture_limit: u32,
     pub ring_buffer_bytes: u32,
     /// Attach the do-nothing `floor` program in place of every real one (benchmarks).
     pub floor: bool,
+}
+
+/// Process events the probes report for the selection (`select`): off unless asked for, so
+/// that execs and listens cost nothing beyond their tracepoint otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// Report every exec (EXEC events) and trace exec'd processes until the agent decides.
+    pub exec: bool,
+    /// Trace processes that listen on these TCP ports (LISTEN events).
+    pub ports: Vec<u16>,
+    /// Some processes are excluded: with --all the probes must read their state.
+    pub exclusions: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +95,8 @@ pub enum CaptureError {
     },
     #[error("watching the ring buffer failed")]
     Poll(#[source] io::Error),
+    #[error("mapping the traced-process map into the agent failed")]
+    MapTraced(#[source] io::Error),
 }
 
 /// Loaded and attached probes. Dropping it detaches everything.
@@ -84,8 +109,9 @@ pub struct Probes {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub events: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
-    /// The --pid processes: what is traced now is them and their descendants.
-    roots: Vec<u32>,
+    /// The kernel's traced set, mapped into the agent.
+    pub traced: TracedPids,
+    trace_all: bool,
     pub attached: usize,
     /// Processes traced from the start: the --pid targets and their children, or with --all
     /// every process but the agent.
@@ -157,6 +183,9 @@ fn category(program: &str) -> Option<&'static str> {
 pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
     let agent_tgid = std::process::id();
     let capture_all = u32::from(config.trace_all);
+    let watch_exec = u32::from(config.watch.exec);
+    let watch_listen = u32::from(!config.watch.ports.is_empty());
+    let exclusions = u32::from(config.watch.exclusions);
     let mut targets = Vec::new();
     for &pid in &config.pids {
         if pid == agent_tgid {
@@ -174,6 +203,9 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
     let mut ebpf = EbpfLoader::new()
         .override_global("TRACE_ALL", &capture_all, true)
         .override_global("AGENT_TGID", &agent_tgid, true)
+        .override_global("WATCH_EXEC", &watch_exec, true)
+        .override_global("WATCH_LISTEN", &watch_listen, true)
+        .override_global("EXCLUSIONS", &exclusions, true)
         .override_global("CAPTURE_LIMIT", &config.capture_limit, true)
         // A quarter full wakes the agent; below that it drains on its own timer.
         .override_global(
@@ -196,12 +228,29 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         }
     };
 
-    let mut traced: Array<MapData, TracedSet> = take_map(&mut ebpf, "TRACED")?;
-    let mut set = zeroed_traced_set();
-    for &pid in targets.iter().filter(|&&pid| pid < TRACED_PID_LIMIT) {
-        set.pids[pid as usize] = 1;
+    let traced = match ebpf.take_map("TRACED") {
+        Some(Map::Array(data)) => TracedPids::map(data).map_err(CaptureError::MapTraced)?,
+        _ => {
+            return Err(CaptureError::Missing {
+                what: "array map",
+                name: "TRACED".to_owned(),
+            });
+        }
+    };
+    for &pid in &targets {
+        traced.set(pid, traced::TRACED);
     }
-    store_traced_set(&mut traced, &set)?;
+    // The agent is never traced, whatever is selected.
+    traced.set(agent_tgid, traced::EXCLUDED);
+    let mut ports: Array<MapData, u8> = take_map(&mut ebpf, "PORTS")?;
+    for &port in &config.watch.ports {
+        ports
+            .set(u32::from(port), 1, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "PORTS",
+                source,
+            })?;
+    }
     let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
 
@@ -242,6 +291,8 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         "{attached} probes attached; tracing {}",
         if config.trace_all {
             "every process".to_owned()
+        } else if config.pids.is_empty() {
+            "what the selection picks".to_owned()
         } else {
             format!("{} process(es): {:?}", targets.len(), targets)
         }
@@ -256,7 +307,8 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
             .unwrap_or_default();
     }
     Ok(Probes {
-        roots: config.pids.clone(),
+        traced,
+        trace_all: config.trace_all,
         targets,
         ebpf,
         links,
@@ -313,27 +365,117 @@ fn load_hint(err: &aya::EbpfError) -> String {
     }
 }
 
-/// Stores the set by reference: by value, its 4 MiB would be copied onto the stack.
-fn store_traced_set(
-    map: &mut Array<MapData, TracedSet>,
-    set: &TracedSet,
-) -> Result<(), CaptureError> {
-    map.set(0, set, 0).map_err(|source| CaptureError::Map {
-        name: "TRACED",
-        source,
-    })
+/// The kernel's traced set (`TRACED`, one [`traced`] state byte per pid), mmapped into the
+/// agent. Bytes are read and written with single-byte atomics on the shared pages, so a change
+/// by the agent never overwrites a neighbour's byte or the probes' concurrent writes, and
+/// [`TracedPids::replace`] refuses when the probes changed the byte first. Cheap to clone.
+#[derive(Clone)]
+pub struct TracedPids(Arc<Mapping>);
+
+struct Mapping {
+    base: NonNull<AtomicU8>,
+    len: usize,
+    /// Keeps the map's fd open as long as the mapping (the mapping alone would keep the map).
+    _map: MapData,
 }
 
-/// An empty traced set, made on the heap: 4 MiB would not fit every thread's stack.
-fn zeroed_traced_set() -> Box<TracedSet> {
-    let bytes = vec![0u8; size_of::<TracedSet>()].into_boxed_slice();
-    // SAFETY: TracedSet is a repr(C) byte array of exactly this length (alignment 1), and
-    // zero bytes are a valid value of it.
-    unsafe { Box::from_raw(Box::into_raw(bytes).cast::<TracedSet>()) }
+// SAFETY: the mapping is shared memory accessed only through atomics; it stays valid until
+// Drop unmaps it, which happens when the last clone goes.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: base and len are exactly what mmap returned; nothing refers to it any more.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+impl TracedPids {
+    fn map(map: MapData) -> io::Result<Self> {
+        let len = size_of::<TracedSet>();
+        // SAFETY: a shared read-write mapping of the map's value area, which the kernel allows
+        // for BPF_F_MMAPABLE arrays; the length is the value size (a whole number of pages).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<AtomicU8>()).ok_or_else(|| io::Error::other("null"))?;
+        Ok(Self(Arc::new(Mapping {
+            base,
+            len,
+            _map: map,
+        })))
+    }
+
+    fn byte(&self, pid: u32) -> Option<&AtomicU8> {
+        (pid < TRACED_PID_LIMIT).then(|| {
+            // SAFETY: pid < TRACED_PID_LIMIT == len, so the byte is inside the live mapping;
+            // AtomicU8 has the size and alignment of u8.
+            unsafe { &*self.0.base.as_ptr().add(pid as usize) }
+        })
+    }
+
+    /// The state of `pid` (a [`traced`] value).
+    pub fn get(&self, pid: u32) -> u8 {
+        self.byte(pid)
+            .map_or(traced::NONE, |b| b.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, pid: u32, state: u8) {
+        if let Some(byte) = self.byte(pid) {
+            byte.store(state, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets `pid` to `new` if it is still `current`; otherwise returns what it is.
+    pub fn replace(&self, pid: u32, current: u8, new: u8) -> Result<(), u8> {
+        match self.byte(pid) {
+            Some(byte) => byte
+                .compare_exchange(current, new, Ordering::Relaxed, Ordering::Relaxed)
+                .map(drop),
+            None => Err(traced::NONE),
+        }
+    }
+
+    /// Every pid whose state (never NONE) satisfies `wanted`. Scans the set up to the kernel's
+    /// pid_max, eight bytes at a time, skipping empty words (most of it).
+    pub fn pids_where(&self, wanted: impl Fn(u8) -> bool) -> Vec<u32> {
+        let pid_max = fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .unwrap_or(self.0.len);
+        let words = pid_max.min(self.0.len).div_ceil(8);
+        // SAFETY: the mapping is page-aligned and len is a multiple of 8, so it is `words`
+        // aligned u64s; AtomicU64 has the layout of u64.
+        let base = self.0.base.as_ptr().cast::<std::sync::atomic::AtomicU64>();
+        let mut found = Vec::new();
+        for word in 0..words {
+            // SAFETY: word < words, inside the mapping (see above).
+            if unsafe { &*base.add(word) }.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let first = (word * 8) as u32;
+            found.extend((first..first + 8).filter(|&pid| {
+                let state = self.get(pid);
+                state != traced::NONE && wanted(state)
+            }));
+        }
+        found
+    }
 }
 
 /// Every current descendant of `pid` (workers forked before the agent started).
-fn descendants(pid: u32) -> Vec<u32> {
+pub fn descendants(pid: u32) -> Vec<u32> {
     let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
@@ -369,14 +511,21 @@ impl Probes {
         totals
     }
 
-    /// Processes traced now with --pid: the roots still alive and their descendants, which is
-    /// what the kernel follows. Reads /proc, so call it seldom.
+    /// Live processes the kernel traces now (their state in the traced set, or every one but
+    /// the agent and the excluded with --all). Lists /proc, so call it seldom.
     pub fn traced_count(&self) -> usize {
-        self.roots
-            .iter()
-            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
-            .map(|&pid| 1 + descendants(pid).len())
-            .sum()
+        let Ok(all) = procfs::process::all_processes() else {
+            return 0;
+        };
+        let agent = std::process::id();
+        all.filter_map(|p| p.ok().map(|p| p.pid as u32))
+            .filter(|&pid| pid != agent)
+            .filter(|&pid| match self.traced.get(pid) {
+                traced::TRACED => true,
+                traced::NONE => self.trace_all,
+                state => traced::is_pending(state),
+            })
+            .count()
     }
 
     /// Detaches every program, in parallel: each detach waits for a kernel RCU grace period

@@ -23,15 +23,42 @@ pub const MAX_MMSG: usize = 4;
 /// Process ids the traced-process set covers: Linux's PID_MAX_LIMIT.
 pub const TRACED_PID_LIMIT: u32 = 1 << 22;
 
-/// The set of traced process (and thread) ids, one byte each (non-zero: traced), as the single
+/// The set of traced process (and thread) ids, one byte each (a [`traced`] state), as the single
 /// 4 MiB value of the `TRACED` array map. An array lookup is inlined by the verifier, so the
 /// check every syscall of every process pays is a few instructions, not a hash map helper
 /// call. Bytes rather than bits: the BPF target has no atomic read-modify-write in Rust, and a
-/// byte store cannot clobber a neighbour's entry.
+/// byte store cannot clobber a neighbour's entry. The map is mmapable: the agent changes single
+/// bytes in place, never the whole value, so it cannot undo what the probes set meanwhile.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TracedSet {
     pub pids: [u8; TRACED_PID_LIMIT as usize],
+}
+
+/// States of a pid's byte in [`TracedSet`]. Forks copy the parent's state to the child.
+pub mod traced {
+    /// Not traced, unless the agent traces every process (`TRACE_ALL`).
+    pub const NONE: u8 = 0;
+    /// Traced: named by the agent, matched by it, or forked from a traced process.
+    pub const TRACED: u8 = 1;
+    /// Never traced, also across exec: `--exclude-pid` and the agent itself.
+    pub const EXCLUDED: u8 = 3;
+    /// Not traced while it runs an excluded executable; pending again at its next exec.
+    pub const EXCLUDED_EXE: u8 = 4;
+    /// Bit of every pending state, `0b1igggggg`: the process exec'd while the agent watches
+    /// execs and is traced provisionally until the agent decides on that exec's EXEC event
+    /// (dropping what came before a refusal), so a matching process is traced from its first
+    /// instruction whatever the agent's delay.
+    pub const PENDING: u8 = 0x80;
+    /// In a pending state: it was traced before the exec, so it stays traced unless excluded.
+    pub const PENDING_INHERITED: u8 = 0x40;
+    /// In a pending state: a generation that differs from the previous exec's, so the agent
+    /// changes the byte only if no later exec happened meanwhile.
+    pub const PENDING_GENERATION: u8 = 0x3f;
+
+    pub const fn is_pending(state: u8) -> bool {
+        state & PENDING != 0
+    }
 }
 
 /// `EventHeader::kind` values.
@@ -44,6 +71,10 @@ pub mod kind {
     pub const CLOSE: u32 = 3;
     /// An [`crate::EventHeader`] alone: the traced process (thread group) exited.
     pub const EXIT: u32 = 4;
+    /// An [`crate::ExecEvent`]: a process exec'd while the agent watches execs.
+    pub const EXEC: u32 = 5;
+    /// A [`crate::ListenEvent`]: a process listens on a selected port and is now traced.
+    pub const LISTEN: u32 = 6;
 }
 
 /// Which side of the TCP connection the traced process is on.
@@ -215,6 +246,57 @@ pub struct CloseEvent {
     pub ingress_bytes: u64,
 }
 
+/// Bytes of the exec'd file name an [`ExecEvent`] carries; longer names are cut.
+pub const EXEC_FILENAME_LEN: usize = 256;
+
+/// A process exec'd (only while the agent watches execs: `--exe`, `--exclude-exe`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// Its [`traced`] state before the exec.
+    pub prev_state: u32,
+    /// The pending state the probe gave it (or EXCLUDED, unchanged).
+    pub state: u32,
+    /// Bytes of `filename` filled, without the NUL.
+    pub filename_len: u32,
+    pub _pad: u32,
+    /// The new command name (the file name, cut to 15 bytes).
+    pub comm: [u8; 16],
+    /// The path given to execve (a script's path for `#!` scripts), NUL-terminated.
+    pub filename: [u8; EXEC_FILENAME_LEN],
+}
+
+impl Default for ExecEvent {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            prev_state: 0,
+            state: 0,
+            filename_len: 0,
+            _pad: 0,
+            comm: [0; 16],
+            filename: [0; EXEC_FILENAME_LEN],
+        }
+    }
+}
+
+/// A process started listening on a port the agent selects (`--port`); the probe has already
+/// marked it traced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenEvent {
+    pub header: EventHeader,
+    /// Its [`traced`] state before.
+    pub prev_state: u32,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// The local port, host byte order.
+    pub port: u16,
+    /// The local address (IPv4 in the first four bytes).
+    pub addr: [u8; 16],
+}
+
 /// Key of the kernel's connection map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -234,6 +316,8 @@ mod pod {
     unsafe impl aya::Pod for super::CloseEvent {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::TracedSet {}
+    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::ListenEvent {}
 }
 
 // No padding anywhere: the size is the sum of the fields.
@@ -243,4 +327,6 @@ const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32 + 8 + 40 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<CloseEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + 16 + 16 + EXEC_FILENAME_LEN);
+const _: () = assert!(core::mem::size_of::<ListenEvent>() == 32 + 8 + 16);
 const _: () = assert!(CHUNK_SIZE.is_power_of_two());

@@ -13,6 +13,12 @@
 //! Connection tuples and roles come from `sock:inet_sock_set_state` (and
 //! `tcp:tcp_rcv_space_adjust` for connections older than the agent), keyed by sk pointer.
 //! Entry points are thin; each losing path increments a `COUNTERS` slot.
+//!
+//! Which processes are traced is one byte per pid in `TRACED` (states in
+//! `tracer_common::traced`): forks copy the parent's byte, exits clear it. With exec watching on
+//! (`--exe`), `sched_process_exec` marks a newly exec'd process PENDING (traced provisionally)
+//! and reports it; the agent decides. With listen watching on (`--port`), a process that starts
+//! listening on a selected port is marked traced right here, before it can accept anything.
 #![no_std]
 #![no_main]
 
@@ -22,6 +28,7 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_str_bytes,
         generated::{bpf_get_smp_processor_id, bpf_loop, bpf_probe_read_user},
     },
     macros::{map, tracepoint},
@@ -30,16 +37,26 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    CHUNK_SIZE, CloseEvent, ConnEvent, ConnKey, DataEvent, EventHeader, MAX_CAPTURE_LIMIT,
-    MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG, TRACED_PID_LIMIT, TracedSet, Tuple, conn_flags,
-    counter, data_flags, direction, kind, role, syscall,
+    CHUNK_SIZE, CloseEvent, ConnEvent, ConnKey, DataEvent, EXEC_FILENAME_LEN, EventHeader,
+    ExecEvent, ListenEvent, MAX_CAPTURE_LIMIT, MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG,
+    TRACED_PID_LIMIT, TracedSet, Tuple, conn_flags, counter, data_flags, direction, kind, role,
+    syscall, traced,
 };
 
 // ---- load-time configuration (set by the agent with EbpfLoader::set_global) ----
 
-/// 1: trace every process but the agent; 0: only the tgids in `TRACED`.
+/// 1: trace every process but the agent and the excluded ones; 0: only the tgids in `TRACED`.
 #[unsafe(no_mangle)]
 static TRACE_ALL: u32 = 0;
+/// 1: report execs (EXEC events) and mark untraced exec'd processes PENDING (`--exe`).
+#[unsafe(no_mangle)]
+static WATCH_EXEC: u32 = 0;
+/// 1: trace processes that listen on a port set in `PORTS` (`--port`).
+#[unsafe(no_mangle)]
+static WATCH_LISTEN: u32 = 0;
+/// 1: some processes are excluded (`--exclude-*`), so with TRACE_ALL their bytes are read too.
+#[unsafe(no_mangle)]
+static EXCLUSIONS: u32 = 0;
 /// The agent's own tgid, never traced.
 #[unsafe(no_mangle)]
 static AGENT_TGID: u32 = 0;
@@ -54,8 +71,13 @@ static WAKEUP_BYTES: u64 = 1 << 20;
 // ---- maps ----
 
 /// Traced thread-group ids (and, briefly, thread ids of their new threads: see fork).
+/// Mmapable, so the agent can change one byte without rewriting the 4 MiB value.
 #[map]
-static TRACED: Array<TracedSet> = Array::with_max_entries(1, 0);
+static TRACED: Array<TracedSet> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Ports whose listeners are traced (non-zero), indexed by port number.
+#[map]
+static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
 /// Syscalls in flight, keyed by pid_tgid. Not LRU: evicting a live entry would lose data
 /// silently, while a failed insert is counted. Threads that exit mid-syscall are removed in
@@ -145,6 +167,8 @@ const EINPROGRESS: i64 = 115;
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_LISTEN: i32 = 10;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Offset of syscall argument `n` in a `syscalls:sys_enter_*` record; of `ret` in sys_exit_*.
 const fn arg(n: usize) -> usize {
@@ -181,21 +205,47 @@ fn traced_entry(pid: u32) -> Option<*mut u8> {
 }
 
 #[inline(always)]
-fn is_traced(tgid: u32) -> bool {
-    if unsafe { read_volatile(&TRACE_ALL) } != 0 {
-        return tgid != unsafe { read_volatile(&AGENT_TGID) };
-    }
-    match traced_entry(tgid) {
-        Some(entry) => unsafe { *entry != 0 },
-        None => false,
+fn state(pid: u32) -> u8 {
+    match traced_entry(pid) {
+        Some(entry) => unsafe { *entry },
+        None => traced::NONE,
     }
 }
 
 #[inline(always)]
-fn set_traced(pid: u32, on: bool) {
+fn set_state(pid: u32, value: u8) {
     if let Some(entry) = traced_entry(pid) {
-        unsafe { *entry = u8::from(on) };
+        unsafe { *entry = value };
     }
+}
+
+#[inline(always)]
+fn trace_all() -> bool {
+    unsafe { read_volatile(&TRACE_ALL) != 0 }
+}
+
+/// Whether a process in `state` is traced.
+#[inline(always)]
+fn state_traced(state: u8) -> bool {
+    if trace_all() {
+        state != traced::EXCLUDED && state != traced::EXCLUDED_EXE
+    } else {
+        state == traced::TRACED || traced::is_pending(state)
+    }
+}
+
+#[inline(always)]
+fn is_traced(tgid: u32) -> bool {
+    if trace_all() {
+        if tgid == unsafe { read_volatile(&AGENT_TGID) } {
+            return false;
+        }
+        // Without exclusions every byte says traced: skip the lookup.
+        if unsafe { read_volatile(&EXCLUSIONS) } == 0 {
+            return true;
+        }
+    }
+    state_traced(state(tgid))
 }
 
 /// Ring buffer flags: wake the agent only when enough data waits (see WAKEUP_BYTES).
@@ -406,6 +456,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let sk: u64 = read(&ctx, 8);
     let old: i32 = read(&ctx, 16);
     let new: i32 = read(&ctx, 20);
+    if new == TCP_LISTEN {
+        return listen(&ctx);
+    }
     // SYN_SENT fires before connect() picks the source port; SYN_SENT -> ESTABLISHED
     // refreshes the tuple with it.
     let role = match (old, new) {
@@ -440,6 +493,45 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// CLOSE -> LISTEN fires inside listen(), in the listening process's context: a listener on a
+/// selected port is traced from here on, before its first accept.
+#[inline(always)]
+fn listen(ctx: &TracePointContext) -> u32 {
+    if unsafe { read_volatile(&WATCH_LISTEN) } == 0 {
+        return 0;
+    }
+    let port: u16 = read(ctx, 24);
+    if PORTS.get(port as u32).copied().unwrap_or(0) == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == unsafe { read_volatile(&AGENT_TGID) } {
+        return 0;
+    }
+    let Some(entry) = traced_entry(tgid) else {
+        return 0;
+    };
+    let prev = unsafe { *entry };
+    if prev == traced::EXCLUDED || prev == traced::EXCLUDED_EXE {
+        return 0;
+    }
+    unsafe { *entry = traced::TRACED };
+    let family: u16 = read(ctx, 28);
+    let mut event = ListenEvent {
+        header: header(kind::LISTEN, pid_tgid, -1, 0),
+        prev_state: prev as u32,
+        family,
+        port,
+        addr: [0; 16],
+    };
+    if let Some(tuple) = read_tuple(ctx, 24, 28, 32, 40) {
+        event.addr = tuple.saddr;
+    }
+    output(&event);
+    0
+}
+
 /// Receives on connections that predate the agent reveal their tuple here.
 #[tracepoint]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
@@ -470,17 +562,15 @@ pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
-    if unsafe { read_volatile(&TRACE_ALL) } != 0 {
-        return 0;
-    }
     // The forking task is current; child_pid is the new task's id (a tid for new threads,
-    // whose bit is harmless and cleared when the thread exits).
-    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !is_traced(parent) {
+    // whose byte is harmless and cleared when the thread exits). The child inherits the
+    // parent's state: traced, pending, or excluded.
+    let parent = state((bpf_get_current_pid_tgid() >> 32) as u32);
+    if parent == traced::NONE {
         return 0;
     }
     let child: i32 = read(&ctx, 20);
-    set_traced(child as u32, true);
+    set_state(child as u32, parent);
     0
 }
 
@@ -489,19 +579,92 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
-    if !is_traced(tgid) {
+    let was_traced = is_traced(tgid);
+    if !was_traced && state(tgid) == traced::NONE && state(tid) == traced::NONE {
         return 0;
     }
     let group_dead: u8 = read(&ctx, 32);
-    let _ = INFLIGHT.remove(pid_tgid);
+    if was_traced {
+        let _ = INFLIGHT.remove(pid_tgid);
+    }
+    // Excluded processes' bytes are cleared too, so a reused pid starts untraced.
     if tid != tgid {
-        set_traced(tid, false);
+        set_state(tid, traced::NONE);
     }
     if group_dead != 0 {
-        set_traced(tgid, false);
-        output(&header(kind::EXIT, pid_tgid, -1, 0));
+        set_state(tgid, traced::NONE);
+        if was_traced {
+            output(&header(kind::EXIT, pid_tgid, -1, 0));
+        }
     }
     0
+}
+
+/// A process exec'd. Only with exec watching on: unless excluded for good, it becomes pending
+/// (traced until the agent decides, so nothing it does before the agent reads this is missed;
+/// see `traced::PENDING`), and the agent hears of it.
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    if unsafe { read_volatile(&WATCH_EXEC) } == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == unsafe { read_volatile(&AGENT_TGID) } {
+        return 0;
+    }
+    let Some(entry) = traced_entry(tgid) else {
+        return 0;
+    };
+    let prev = unsafe { *entry };
+    if prev == traced::EXCLUDED {
+        return 0; // for good: nothing to decide
+    }
+    let inherited = !trace_all()
+        && (prev == traced::TRACED
+            || (traced::is_pending(prev) && prev & traced::PENDING_INHERITED != 0));
+    // Differs from the previous exec's generation; a fresh one starts anywhere.
+    let generation = if traced::is_pending(prev) {
+        prev.wrapping_add(1)
+    } else {
+        (unsafe { bpf_ktime_get_ns() } >> 10) as u8
+    } & traced::PENDING_GENERATION;
+    let next = traced::PENDING
+        | if inherited {
+            traced::PENDING_INHERITED
+        } else {
+            0
+        }
+        | generation;
+    unsafe { *entry = next };
+    emit_exec(&ctx, pid_tgid, prev, next);
+    0
+}
+
+fn emit_exec(ctx: &TracePointContext, pid_tgid: u64, prev: u8, next: u8) {
+    // Reserved in place: the record is too large for the BPF stack.
+    let Some(mut slot) = EVENTS.reserve::<ExecEvent>(0) else {
+        count(counter::LOSS_RINGBUF_FULL, 1);
+        return;
+    };
+    let event = slot.as_mut_ptr();
+    // `filename` is a __data_loc field: offset in the low 16 bits, length in the high ones.
+    let loc: u32 = read(ctx, 8);
+    let src = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
+    unsafe {
+        (*event).header = header(kind::EXEC, pid_tgid, -1, 0);
+        (*event).prev_state = prev as u32;
+        (*event).state = next as u32;
+        (*event)._pad = 0;
+        (*event).comm = bpf_get_current_comm().unwrap_or_default();
+        let name = &mut (*event).filename;
+        let len = match bpf_probe_read_kernel_str_bytes(src, &mut name[..EXEC_FILENAME_LEN - 1]) {
+            Ok(bytes) => bytes.len(),
+            Err(_) => 0,
+        };
+        (*event).filename_len = len as u32;
+    }
+    slot.submit(wakeup_flags());
 }
 
 // ---- connections ----
