@@ -144,6 +144,8 @@ pub struct Response {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
     pub conn_id: u64,
+    /// Index of the request on its connection since the parser started (0, 1, ...).
+    pub seq: u64,
     pub request: Request,
     /// None when the connection ended, or sync was lost, before the final response.
     pub response: Option<Response>,
@@ -284,6 +286,7 @@ impl Http1Connection {
                 next_answer: 0,
                 synced: false,
                 stop: None,
+                started: Vec::new(),
             },
             egress: DirParser::new(Direction::Egress),
             ingress: DirParser::new(Direction::Ingress),
@@ -350,6 +353,20 @@ impl Http1Connection {
             Some(Stop::Upgraded { protocol }) => protocol.as_deref(),
             _ => None,
         }
+    }
+
+    /// Sequence numbers of the requests whose head parsed since the last call, oldest first:
+    /// the linking stage learns of requests while they are in flight. Look each up with
+    /// [`Self::request`] (or in the exchanges just emitted, if it already finished).
+    pub fn take_started(&mut self) -> std::vec::Drain<'_, u64> {
+        self.shared.started.drain(..)
+    }
+
+    /// A request that has not been emitted yet.
+    pub fn request(&self, seq: u64) -> Option<&Request> {
+        let front = self.shared.pending.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(front)?).ok()?;
+        self.shared.pending.get(index).map(|p| &p.request)
     }
 
     /// The side given at creation, or the one learned from the first start line.
@@ -477,6 +494,8 @@ struct Shared {
     /// Some message has parsed: from now on garbage is malformed rather than not-HTTP.
     synced: bool,
     stop: Option<Stop>,
+    /// Requests whose head parsed since the last [`Http1Connection::take_started`].
+    started: Vec<u64>,
 }
 
 impl Shared {
@@ -489,6 +508,7 @@ impl Shared {
     fn emit(&self, p: Pending, out: &mut Vec<Exchange>) {
         out.push(Exchange {
             conn_id: self.conn_id,
+            seq: p.seq,
             request: p.request,
             response: p.response,
             interim: p.interim,
@@ -521,6 +541,7 @@ impl Shared {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.started.push(seq);
         self.pending.push_back(Pending {
             seq,
             request,
@@ -1785,6 +1806,7 @@ mod tests {
     fn ex(request: Request, response: Option<Response>) -> Exchange {
         Exchange {
             conn_id: CONN,
+            seq: 0,
             request,
             response,
             interim: Vec::new(),
@@ -1860,7 +1882,12 @@ mod tests {
     /// Runs a case as scripted and again with every syscall split into 1-byte syscalls: the
     /// result must be the same (syscall boundaries only matter to resynchronisation, and the
     /// cases below resync at line starts).
-    fn check(case: Case) {
+    fn check(mut case: Case) {
+        // Every parsed request is emitted exactly once and in order, so the emitted sequence
+        // numbers are always 0, 1, 2...
+        for (k, want) in case.want.iter_mut().enumerate() {
+            want.seq = k as u64;
+        }
         let got = feed(case.side, case.limits, &case.script.segs, case.close);
         assert_eq!(got.0, case.want, "{}: exchanges", case.name);
         assert_eq!(got.1, case.errors, "{}: errors", case.name);
@@ -3475,6 +3502,7 @@ mod tests {
                     // occurs for the last exchange (the strategy allows Close only there).
                     let want = Exchange {
                         conn_id: CONN,
+                        seq: 0,
                         request: Request {
                             method: method.to_string(),
                             target,
@@ -3667,6 +3695,7 @@ mod tests {
             let mut want = Vec::new();
             for (k, g) in exchanges.iter().enumerate() {
                 let mut w = g.want.clone();
+                w.seq = k as u64;
                 time(&mut w.request.msg, &req_segs, (req_ranges[k].0, req_ranges[k].1));
                 if let Some(r) = w.response.as_mut() {
                     time(&mut r.msg, &resp_segs, (resp_ranges[k].2, resp_ranges[k].1));

@@ -10,6 +10,8 @@ pub mod conntrack;
 pub mod dump;
 pub mod export;
 pub mod http1;
+pub mod http2;
+pub mod link;
 pub mod metrics;
 pub mod pipeline;
 pub mod procfs_sockets;

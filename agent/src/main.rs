@@ -20,12 +20,13 @@ use tracer_agent::{
     config::{self, ConfigError},
     dump::Dump,
     export::{ExportConfig, Exporter, ExporterKind, OtlpProtocol},
+    link::{DEFAULT_REORDER_WINDOW_NS, Linker},
     metrics::{self, KernelLoss, Metrics},
     pipeline::{Pipeline, SpanStage},
     resource::ResourceBuilder,
     sample::{self, KeepPolicy, KeepReason, Sampler},
     select::{Selection, Selector},
-    spans::SpanFactory,
+    spans::{RpcConventions, SpanFactory},
     streams::StreamLimits,
 };
 
@@ -177,7 +178,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some((exporter, handle)) => (
             Some(exporter),
             Some(SpanStage {
-                factory: SpanFactory::new(clock, sampler),
+                linker: Linker::new(sampler, DEFAULT_REORDER_WINDOW_NS),
+                factory: SpanFactory::new(clock)
+                    .with_rpc_conventions(RpcConventions::from_env(|key| std::env::var(key).ok())),
                 resources: ResourceBuilder::from_env()
                     .with_kubelet_logs(&cli.selection.k8s_log_dir),
                 export: handle,

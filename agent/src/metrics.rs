@@ -297,11 +297,17 @@ pub struct Metrics {
     userspace_lost_events: Family<UserspaceEventLoss, Counter>,
     userspace_lost_bytes: Family<UserspaceByteLoss, Counter>,
     parse_errors: Family<ParseLabels, Counter>,
+    span_links: Family<OneLabel, Counter>,
+    link_limits: Family<OneLabel, Counter>,
+    calls_skipped: Family<OneLabel, Counter>,
     readiness: Mutex<Readiness>,
 }
 
 /// `{parser, reason}` of `tracer_parse_errors_total`; both come from fixed sets of names.
 pub type ParseLabels = [(&'static str, &'static str); 2];
+
+/// One label from a fixed set of names.
+pub type OneLabel = [(&'static str, &'static str); 1];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -369,12 +375,44 @@ impl Metrics {
         for reason in crate::http1::Http1Error::ALL {
             let _ = parse_errors.get_or_create(&[("parser", "http1"), ("reason", reason.as_str())]);
         }
+        for reason in crate::http2::Http2Error::ALL {
+            let _ = parse_errors.get_or_create(&[("parser", "http2"), ("reason", reason.as_str())]);
+        }
         registry.register(
             "parse_errors",
             "Messages or headers the agent could not use, by parser and reason (http1: an \
-             HTTP/1 message dropped or cut short; tracecontext: a traceparent/tracestate/b3 \
+             HTTP/1 message dropped or cut short; http2: an HTTP/2 frame or header block that could \
+             not be used, including HPACK state lost (hpack_*); tracecontext: a traceparent/tracestate/b3 \
              header that was invalid, so the request started a new trace)",
             parse_errors.clone(),
+        );
+
+        let span_links = Family::<OneLabel, Counter>::default();
+        for method in crate::link::LinkMethod::ALL {
+            let _ = span_links.get_or_create(&[("method", method.as_str())]);
+        }
+        registry.register(
+            "span_links",
+            "Spans by how their parent was found (peer_connection: the client end of the same \
+             local connection; traceparent, b3: propagated context; forwarded_context, thread, \
+             only_in_process, forwarded_target: the server request in flight in the same \
+             process; own_context: ids the caller put in its request; ambiguous: several \
+             candidates, none linked; root: no parent)",
+            span_links.clone(),
+        );
+        let link_limits = precreated_one("reason", &["reorder_overflow", "calls_full"]);
+        registry.register(
+            "link_limits",
+            "Times the linking stage hit a memory bound (reorder_overflow: events linked before \
+             their reorder window passed; calls_full: a request not tracked as a possible parent)",
+            link_limits.clone(),
+        );
+        let calls_skipped = precreated_one("reason", &["self_instrumented"]);
+        registry.register(
+            "calls_skipped",
+            "Requests that got no span by design (self_instrumented: the process exports its own \
+             spans with an OpenTelemetry SDK)",
+            calls_skipped.clone(),
         );
 
         let connections_tracked = CountGauge::default();
@@ -470,6 +508,9 @@ impl Metrics {
             span_drop_logged: Default::default(),
             spans_kept,
             parse_errors,
+            span_links,
+            link_limits,
+            calls_skipped,
             readiness: Mutex::new(Readiness {
                 ready: false,
                 reason: "starting: probes not attached yet".to_owned(),
@@ -504,6 +545,25 @@ impl Metrics {
     pub fn parse_errors(&self, parser: &'static str, reason: &'static str) -> Counter {
         self.parse_errors
             .get_or_create(&[("parser", parser), ("reason", reason)])
+            .clone()
+    }
+
+    /// `tracer_span_links_total{method}`.
+    pub fn span_links(&self, method: &'static str) -> Counter {
+        self.span_links.get_or_create(&[("method", method)]).clone()
+    }
+
+    /// `tracer_link_limits_total{reason}`.
+    pub fn link_limits(&self, reason: &'static str) -> Counter {
+        self.link_limits
+            .get_or_create(&[("reason", reason)])
+            .clone()
+    }
+
+    /// `tracer_calls_skipped_total{reason}`.
+    pub fn calls_skipped(&self, reason: &'static str) -> Counter {
+        self.calls_skipped
+            .get_or_create(&[("reason", reason)])
             .clone()
     }
 
@@ -591,6 +651,14 @@ impl Metrics {
 }
 
 /// A counter family with `label_sets` already at 0, so they show up before anything happens.
+fn precreated_one(label: &'static str, values: &[&'static str]) -> Family<OneLabel, Counter> {
+    let family = Family::<OneLabel, Counter>::default();
+    for value in values {
+        let _ = family.get_or_create(&[(label, *value)]);
+    }
+    family
+}
+
 fn precreated<S>(label_sets: impl IntoIterator<Item = S>) -> Family<S, Counter>
 where
     S: Clone + Eq + Hash,

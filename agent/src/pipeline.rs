@@ -1,8 +1,8 @@
 //! Runs the userspace stages in order on each ring buffer record:
-//! decode -> assemble syscalls -> conntrack -> streams -> protocols -> spans -> export (and the
-//! dump). Single-threaded and synchronous: one record goes all the way through before the
+//! decode -> assemble syscalls -> conntrack -> streams -> protocols -> link -> spans -> export
+//! (and the dump). Single-threaded and synchronous: one record goes all the way through before the
 //! next, so no stage needs locks; export queues without waiting.
-use std::{collections::HashMap, io::Write, sync::Arc};
+use std::{io::Write, sync::Arc};
 
 use log::{debug, warn};
 use opentelemetry::trace::SpanKind;
@@ -15,9 +15,9 @@ use crate::{
     conntrack::{ConnTable, Role},
     dump::Dump,
     export::{ExportHandle, ExportItem},
-    http1::Exchange,
+    link::{CallEnd, CallSide, CallStart, LinkMethod, Linked, Linker},
     metrics::{Metrics, SpanDrop, UserspaceByteLoss, UserspaceEventLoss},
-    protocols::Protocols,
+    protocols::{Finished, Protocols},
     resource::ResourceBuilder,
     spans::SpanFactory,
     streams::{Segment, StreamLimits, Streams},
@@ -34,8 +34,6 @@ pub struct PipelineStats {
     pub spans_created: u64,
     pub spans_sampled_out: u64,
     pub spans_queue_full: u64,
-    /// Requests whose trace context header was present but invalid, by reason.
-    pub bad_context: HashMap<&'static str, u64>,
 }
 
 /// Counts a failed write of the dump (stdout closed or full disk), logging the first one.
@@ -59,6 +57,7 @@ fn note_no_connection(stats: &mut PipelineStats) {
 
 /// Where spans go, and what builds them.
 pub struct SpanStage {
+    pub linker: Linker,
     pub factory: SpanFactory,
     pub resources: ResourceBuilder,
     pub export: ExportHandle,
@@ -73,8 +72,19 @@ pub struct Pipeline<W: Write> {
     spans: Option<SpanStage>,
     records: Vec<Syscall>,
     segments: Vec<Segment>,
-    exchanges: Vec<Exchange>,
+    exchanges: Vec<Finished>,
+    starts: Vec<CallStart>,
+    linked: Vec<Linked>,
     pub stats: PipelineStats,
+}
+
+/// Which end of its calls a connection's process is. Requests found in the read direction
+/// when the role was unknown make the process their server.
+fn call_side(role: Role) -> CallSide {
+    match role {
+        Role::Client => CallSide::Client,
+        Role::Server | Role::Unknown => CallSide::Server,
+    }
 }
 
 impl<W: Write> Pipeline<W> {
@@ -89,6 +99,8 @@ impl<W: Write> Pipeline<W> {
             records: Vec::new(),
             segments: Vec::new(),
             exchanges: Vec::new(),
+            starts: Vec::new(),
+            linked: Vec::new(),
             stats: PipelineStats::default(),
         }
     }
@@ -164,6 +176,9 @@ impl<W: Write> Pipeline<W> {
             self.drain_exchanges();
         }
         self.conns.exit(pid);
+        if let Some(stage) = self.spans.as_mut() {
+            stage.linker.forget_process(pid);
+        }
     }
 
     /// Releases the state of processes that are gone although their EXIT event never came
@@ -210,55 +225,90 @@ impl<W: Write> Pipeline<W> {
                 note_dump(&mut self.stats, result);
             }
             if self.spans.is_some() {
-                self.protocols.push(segment, conn.role, &mut self.exchanges);
+                let starts = &mut self.starts;
+                let side = call_side(conn.role);
+                let conn_id = segment.conn_id;
+                self.protocols
+                    .push(segment, conn.role, &mut self.exchanges, &mut |info| {
+                        starts.push(CallStart::new(conn_id, side, &info, conn))
+                    });
             }
         }
         self.segments = segments;
         self.drain_exchanges();
     }
 
-    /// Turns finished exchanges into spans and queues them for export.
+    /// Hands started requests and finished exchanges to the linking stage, then turns what it
+    /// linked into spans.
     fn drain_exchanges(&mut self) {
         let Some(stage) = self.spans.as_mut() else {
             self.exchanges.clear();
+            self.starts.clear();
             return;
         };
+        for start in self.starts.drain(..) {
+            stage.linker.start(start, &mut self.linked);
+        }
         for exchange in self.exchanges.drain(..) {
-            let Some(conn) = self.conns.get(exchange.conn_id) else {
+            let Some(conn) = self.conns.get(exchange.conn_id()) else {
                 note_no_connection(&mut self.stats);
                 continue;
             };
-            let kind = match conn.role {
-                Role::Client => SpanKind::Client,
-                // The parser found requests in the read direction when the role was unknown.
-                Role::Server | Role::Unknown => SpanKind::Server,
+            let end = CallEnd {
+                side: call_side(conn.role),
+                finished: exchange,
+                conn: conn.clone(),
             };
-            let built = stage.factory.http1(&exchange, conn, kind);
+            stage.linker.end(end, &mut self.linked);
+        }
+        self.drain_linked();
+    }
+
+    /// Turns linked exchanges into spans and queues them for export.
+    fn drain_linked(&mut self) {
+        let Some(stage) = self.spans.as_mut() else {
+            self.linked.clear();
+            return;
+        };
+        for linked in self.linked.drain(..) {
+            let kind = match linked.side {
+                CallSide::Client => SpanKind::Client,
+                CallSide::Server => SpanKind::Server,
+            };
             self.stats.spans_created += 1;
-            if let Some(err) = built.context_error {
-                let count = self.stats.bad_context.entry(err.label()).or_default();
-                if *count == 0 {
-                    warn!(
-                        "a request carried an invalid trace context header ({err}); it starts a \
-                         new trace. Counting further ones in tracer_parse_errors_total"
-                    );
-                }
-                *count += 1;
-            }
-            // --keep-errors/--keep-slower-than export some spans the sampler dropped (sample.rs).
-            if !built.sampled && !crate::sample::keep_anyway(&built.span) {
+            // Spans of sampled-out traces are built only when --keep-errors/--keep-slower-than
+            // may keep them (sample.rs).
+            if !linked.ids.sampled && !crate::sample::keep_policy_active() {
                 self.stats.spans_sampled_out += 1;
                 continue;
             }
-            let process = &conn.process;
+            let span = match &linked.finished {
+                Finished::Http1(exchange) => {
+                    stage
+                        .factory
+                        .http1(exchange, &linked.conn, kind, &linked.ids)
+                }
+                Finished::Http2(exchange) => {
+                    stage
+                        .factory
+                        .http2(exchange, &linked.conn, kind, &linked.ids)
+                }
+                Finished::Replaced { .. } => continue,
+            };
+            if !linked.ids.sampled && !crate::sample::keep_anyway(&span) {
+                self.stats.spans_sampled_out += 1;
+                continue;
+            }
+            let process = &linked.conn.process;
             let resource = process
                 .resource
                 .get_or_init(|| stage.resources.build(&process.info))
                 .clone();
             let item = ExportItem {
-                resource_id: u64::from(conn.pid) << 32 | (process.info.start_ticks & 0xffff_ffff),
+                resource_id: u64::from(linked.conn.pid) << 32
+                    | (process.info.start_ticks & 0xffff_ffff),
                 resource: Arc::clone(&resource),
-                span: built.span,
+                span,
             };
             if !stage.export.submit(item) {
                 self.stats.spans_queue_full += 1;
@@ -267,9 +317,19 @@ impl<W: Write> Pipeline<W> {
     }
 
     /// Periodic work: releases data held for holes that will not fill.
+    /// `now_ns` is the monotonic clock; `u64::MAX` at shutdown also links every call still
+    /// waiting in the reorder window.
     pub fn tick(&mut self, now_ns: u64) {
         self.streams.flush_expired(now_ns, &mut self.segments);
         self.drain_segments();
+        if let Some(stage) = self.spans.as_mut() {
+            if now_ns == u64::MAX {
+                stage.linker.flush(&mut self.linked);
+            } else {
+                stage.linker.tick(now_ns, &mut self.linked);
+            }
+        }
+        self.drain_linked();
     }
 
     pub fn flush(&mut self) {
@@ -315,11 +375,30 @@ impl<W: Write> Pipeline<W> {
             &metrics.spans_dropped(SpanDrop::SampledOut),
             self.stats.spans_sampled_out,
         );
-        for (reason, total) in &self.stats.bad_context {
-            metrics.observe_total(&metrics.parse_errors("tracecontext", reason), *total);
+        if let Some(stage) = self.spans.as_ref() {
+            let link = &stage.linker.stats;
+            for (reason, total) in &link.bad_context {
+                metrics.observe_total(&metrics.parse_errors("tracecontext", reason), *total);
+            }
+            for method in LinkMethod::ALL {
+                let total = link.links.get(&method).copied().unwrap_or(0);
+                metrics.observe_total(&metrics.span_links(method.as_str()), total);
+            }
+            metrics.observe_total(
+                &metrics.link_limits("reorder_overflow"),
+                link.reorder_overflow,
+            );
+            metrics.observe_total(&metrics.link_limits("calls_full"), link.calls_full);
+            metrics.observe_total(
+                &metrics.calls_skipped("self_instrumented"),
+                link.instrumented_skipped,
+            );
         }
         for (error, total) in &self.protocols.stats.http1_errors {
             metrics.observe_total(&metrics.parse_errors("http1", error.as_str()), *total);
+        }
+        for (error, total) in &self.protocols.stats.http2_errors {
+            metrics.observe_total(&metrics.parse_errors("http2", error.as_str()), *total);
         }
         metrics.connections_tracked.set(self.conns.len() as u64);
         metrics

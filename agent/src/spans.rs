@@ -2,15 +2,8 @@
 //! semantic conventions: SERVER spans for requests a process read, CLIENT spans for requests
 //! it wrote.
 //!
-//! Trace context:
-//! * a SERVER request with valid context (W3C or B3) joins that trace; its parent is the
-//!   remote span, and tracestate is kept. Without context it starts a new trace.
-//! * a CLIENT request that carries context names the span of this very call (that is what an
-//!   instrumented caller, or a user's `curl -H traceparent:`, puts there): the CLIENT span
-//!   takes those ids, so the server span that reads the same header becomes its child.
-//!   Without context the CLIENT span starts a new trace.
-//!
-//! Sampling follows the propagated sampled flag, else the configured sampler.
+//! Which trace a span joins and which span is its parent is decided by the linking stage
+//! (link.rs); this module only describes the exchange.
 use std::{
     borrow::Cow,
     time::{Duration, SystemTime},
@@ -18,16 +11,16 @@ use std::{
 
 use opentelemetry::{
     InstrumentationScope, KeyValue, StringValue, Value,
-    trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
+    trace::{SpanContext, SpanKind, Status, TraceFlags},
 };
-use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
 use crate::{
     clock::Clock,
     conntrack::Connection,
     http1::{Exchange, Message},
-    sample::Sampler,
-    tracecontext::{self, ContextError},
+    http2::{H2Message, Http2Exchange},
+    link::{CallIds, LINK_ATTRIBUTE},
 };
 
 /// Query keys whose values are replaced by `REDACTED` in url.query and url.full. The first
@@ -52,19 +45,10 @@ const KNOWN_METHODS: &[&str] = &[
     "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE",
 ];
 
-/// A span and what the pipeline must count about it.
-pub struct BuiltSpan {
-    pub span: SpanData,
-    pub sampled: bool,
-    /// A context header was present but invalid (a new trace was started instead).
-    pub context_error: Option<ContextError>,
-}
-
 pub struct SpanFactory {
     clock: Clock,
-    ids: RandomIdGenerator,
-    sampler: Sampler,
     scope: InstrumentationScope,
+    rpc: RpcConventions,
 }
 
 fn header<'a>(msg: &'a Message, name: &str) -> Option<&'a [u8]> {
@@ -131,15 +115,20 @@ fn split_host(host: &str) -> (String, Option<u16>) {
 }
 
 impl SpanFactory {
-    pub fn new(clock: Clock, sampler: Sampler) -> Self {
+    pub fn new(clock: Clock) -> Self {
         Self {
             clock,
-            ids: RandomIdGenerator::default(),
-            sampler,
+            rpc: RpcConventions::default(),
             scope: InstrumentationScope::builder("tracer-agent")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
         }
+    }
+
+    /// Which RPC semantic conventions gRPC spans follow.
+    pub fn with_rpc_conventions(mut self, rpc: RpcConventions) -> Self {
+        self.rpc = rpc;
+        self
     }
 
     fn time(&self, mono_ns: u64) -> SystemTime {
@@ -147,74 +136,228 @@ impl SpanFactory {
     }
 
     /// The span for one HTTP/1.x exchange; `kind` is SERVER when the traced process read the
-    /// request, CLIENT when it wrote it.
-    pub fn http1(&self, exchange: &Exchange, conn: &Connection, kind: SpanKind) -> BuiltSpan {
+    /// request, CLIENT when it wrote it. The linking stage chose its ids.
+    pub fn http1(
+        &self,
+        exchange: &Exchange,
+        conn: &Connection,
+        kind: SpanKind,
+        ids: &CallIds,
+    ) -> SpanData {
         let request = &exchange.request;
         let response = exchange.response.as_ref();
-        let (context, context_error) = match tracecontext::extract(
-            request
-                .msg
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_ref())),
-        ) {
-            Ok(context) => (context, None),
-            Err(err) => (None, Some(err)),
+        let view = HttpView {
+            method: &request.method,
+            target: &request.target,
+            scheme: "http",
+            authority: header_str(&request.msg, "host"),
+            user_agent: header_str(&request.msg, "user-agent"),
+            request_id: header_str(&request.msg, "x-request-id"),
+            version: if request.version == 0 { "1.0" } else { "1.1" },
+            status: response.map(|r| r.status),
+            request_body: request.msg.body_bytes,
+            response_body: response.map_or(0, |r| r.msg.body_bytes),
+            start_ns: request.msg.start_ns,
+            end_ns: response.map_or(request.msg.end_ns, |r| r.msg.end_ns),
+            no_response: "no response: the connection closed or capture lost it",
         };
+        self.http(&view, conn, kind, ids)
+    }
 
-        let (trace_id, span_id, parent_span_id, sampled, trace_state) = match (&context, &kind) {
-            (Some(ctx), SpanKind::Server) => (
-                TraceId::from_bytes(ctx.trace_id.0),
-                self.ids.new_span_id(),
-                SpanId::from_bytes(ctx.span_id.0),
-                ctx.sampled,
-                ctx.tracestate
-                    .as_ref()
-                    .and_then(|ts| {
-                        TraceState::from_key_value(
-                            ts.entries().iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                        )
-                        .ok()
-                    })
-                    .unwrap_or_default(),
-            ),
-            (Some(ctx), _) => (
-                TraceId::from_bytes(ctx.trace_id.0),
-                SpanId::from_bytes(ctx.span_id.0),
-                SpanId::INVALID,
-                ctx.sampled,
-                TraceState::default(),
-            ),
-            (None, _) => {
-                let trace_id = self.ids.new_trace_id();
-                let sampled = self.sampler.should_sample(&trace_id.to_bytes(), None);
-                (
-                    trace_id,
-                    self.ids.new_span_id(),
-                    SpanId::INVALID,
-                    sampled,
-                    TraceState::default(),
-                )
+    /// The span for one HTTP/2 stream: an RPC span for gRPC, else an HTTP span.
+    pub fn http2(
+        &self,
+        exchange: &Http2Exchange,
+        conn: &Connection,
+        kind: SpanKind,
+        ids: &CallIds,
+    ) -> SpanData {
+        let request = &exchange.request;
+        let response = exchange.response.as_ref();
+        let field = |name: &str| h2_str(request, name);
+        let grpc = field("content-type").is_some_and(|t| t.starts_with("application/grpc"));
+        if grpc {
+            return self.grpc(exchange, conn, kind, ids);
+        }
+        let view = HttpView {
+            method: field(":method").unwrap_or("_OTHER"),
+            target: field(":path").unwrap_or("/"),
+            scheme: match field(":scheme") {
+                Some("https") => "https",
+                _ => "http",
+            },
+            authority: field(":authority").or_else(|| field("host")),
+            user_agent: field("user-agent"),
+            request_id: field("x-request-id"),
+            version: "2",
+            status: response.and_then(H2Message::status),
+            request_body: request.body_bytes,
+            response_body: response.map_or(0, |r| r.body_bytes),
+            start_ns: request.start_ns,
+            end_ns: response.map_or(request.end_ns, |r| r.end_ns),
+            no_response: if exchange.reset.is_some() {
+                "the stream was reset before a response"
+            } else {
+                "no response: the connection closed or capture lost it"
+            },
+        };
+        let mut span = self.http(&view, conn, kind, ids);
+        self.h2_extras(exchange, &mut span);
+        span
+    }
+
+    /// RST_STREAM and undecodable headers, on any HTTP/2 span.
+    fn h2_extras(&self, exchange: &Http2Exchange, span: &mut SpanData) {
+        if let Some(code) = exchange.reset {
+            span.attributes.push(KeyValue::new(
+                "http2.rst_stream.error_code",
+                i64::from(code),
+            ));
+        }
+        if exchange.incomplete_headers {
+            // Fields the agent could not decode (HPACK state lost before the agent attached or
+            // to a capture gap): the span may lack attributes, never carries wrong ones.
+            span.attributes
+                .push(KeyValue::new("tracer_agent.incomplete_headers", true));
+        }
+    }
+
+    /// A gRPC call, per the RPC semantic conventions (`self.rpc` picks the generation).
+    fn grpc(
+        &self,
+        exchange: &Http2Exchange,
+        conn: &Connection,
+        kind: SpanKind,
+        ids: &CallIds,
+    ) -> SpanData {
+        let request = &exchange.request;
+        let response = exchange.response.as_ref();
+        let path = h2_str(request, ":path").unwrap_or("");
+        let full = path.strip_prefix('/').unwrap_or(path);
+        let (service, method) = full.rsplit_once('/').unwrap_or((full, ""));
+        let full_method = if full.is_empty() { "_OTHER" } else { full };
+        let code = exchange.grpc_status();
+        let mut attributes = Vec::with_capacity(16);
+        if self.rpc.old() {
+            attributes.push(KeyValue::new("rpc.system", "grpc"));
+            if !service.is_empty() {
+                attributes.push(KeyValue::new("rpc.service", service.to_owned()));
+            }
+            if !method.is_empty() {
+                attributes.push(KeyValue::new("rpc.method", method.to_owned()));
+            }
+            if let Some(code) = code {
+                attributes.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+            }
+        }
+        if self.rpc.stable() {
+            attributes.push(KeyValue::new("rpc.system.name", "grpc"));
+            if !self.rpc.old() {
+                attributes.push(KeyValue::new("rpc.method", full_method.to_owned()));
+            }
+            if let Some(code) = code {
+                attributes.push(KeyValue::new(
+                    "rpc.response.status_code",
+                    grpc_code_name(code),
+                ));
+            }
+        }
+        self.peer_attributes(
+            &mut attributes,
+            conn,
+            &kind,
+            h2_str(request, ":authority").map(split_host),
+        );
+        attributes.push(KeyValue::new("network.protocol.name", "http"));
+        attributes.push(KeyValue::new("network.protocol.version", "2"));
+        // Client: every code but OK is an error; server: only the codes that mean the server
+        // failed (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
+        let status = match code {
+            Some(0) => Status::Unset,
+            Some(code)
+                if kind == SpanKind::Server && !matches!(code, 2 | 4 | 12 | 13 | 14 | 15) =>
+            {
+                Status::Unset
+            }
+            Some(code) => {
+                attributes.push(KeyValue::new("error.type", grpc_code_name(code)));
+                Status::error("")
+            }
+            None => {
+                attributes.push(KeyValue::new("error.type", "_OTHER"));
+                Status::error(if exchange.reset.is_some() {
+                    "the stream was reset before a grpc-status"
+                } else {
+                    "no grpc-status: the connection closed or capture lost it"
+                })
             }
         };
-        // A propagated decision is honoured through the configured sampler (parentbased_*
-        // follows it; always_off/traceidratio may still drop).
-        let sampled = match &context {
-            // B3 senders may leave the decision to the receiver.
-            Some(ctx) if ctx.sampling_deferred => {
-                self.sampler.should_sample(&trace_id.to_bytes(), None)
-            }
-            Some(_) => self
-                .sampler
-                .should_sample(&trace_id.to_bytes(), Some(sampled)),
-            None => sampled,
-        };
+        let start = request.start_ns;
+        let end = response.map_or(request.end_ns, |r| r.end_ns).max(start);
+        let mut span = self.finish(
+            Cow::Owned(full_method.to_owned()),
+            kind,
+            ids,
+            attributes,
+            status,
+            start,
+            end,
+        );
+        self.h2_extras(exchange, &mut span);
+        span
+    }
 
-        let method_original = request.method.as_str();
+    /// server.address/port, client.address and network.peer.* for either side.
+    fn peer_attributes(
+        &self,
+        attributes: &mut Vec<KeyValue>,
+        conn: &Connection,
+        kind: &SpanKind,
+        host: Option<(String, Option<u16>)>,
+    ) {
+        let text = &conn.text;
+        let shared = |s: &Option<std::sync::Arc<str>>| s.clone().map(StringValue::from);
+        // The server is us (SERVER) or the remote end (CLIENT).
+        let (server_ip, server_addr) = match kind {
+            SpanKind::Server => (shared(&text.local_ip), conn.local),
+            _ => (shared(&text.remote_ip), conn.remote),
+        };
+        let (address, port) = match host {
+            Some((name, port)) => (
+                Some(StringValue::from(name)),
+                port.or(server_addr.map(|a| a.port())),
+            ),
+            None => (server_ip, server_addr.map(|a| a.port())),
+        };
+        if let Some(address) = address {
+            attributes.push(KeyValue::new("server.address", address));
+        }
+        if let Some(port) = port {
+            attributes.push(KeyValue::new("server.port", i64::from(port)));
+        }
+        if *kind == SpanKind::Server
+            && let Some(ip) = shared(&text.remote_ip)
+        {
+            attributes.push(KeyValue::new("client.address", ip));
+        }
+        if let (Some(ip), Some(remote)) = (shared(&text.remote_ip), conn.remote) {
+            attributes.push(KeyValue::new("network.peer.address", ip));
+            attributes.push(KeyValue::new("network.peer.port", i64::from(remote.port())));
+        }
+    }
+
+    /// An HTTP span of any version.
+    fn http(
+        &self,
+        view: &HttpView<'_>,
+        conn: &Connection,
+        kind: SpanKind,
+        ids: &CallIds,
+    ) -> SpanData {
         // Methods and span names come from closed sets, so they need no allocation.
         let method: &'static str = KNOWN_METHODS
             .iter()
-            .find(|m| **m == method_original)
+            .find(|m| **m == view.method)
             .copied()
             .unwrap_or("_OTHER");
         let name = if method == "_OTHER" { "HTTP" } else { method };
@@ -223,131 +366,110 @@ impl SpanFactory {
         if method == "_OTHER" {
             attributes.push(KeyValue::new(
                 "http.request.method_original",
-                method_original.to_owned(),
+                view.method.to_owned(),
             ));
         }
-        let (path, query) = split_target(&request.target);
+        let (path, query) = split_target(view.target);
         let query = query.map(redact_query);
-        let host = header_str(&request.msg, "host").map(split_host);
-        let local = conn.local;
-        let remote = conn.remote;
-        let text = &conn.text;
-        let shared = |s: &Option<std::sync::Arc<str>>| s.clone().map(StringValue::from);
-        let version = format!("1.{}", request.version);
-
-        match kind {
-            SpanKind::Server => {
-                attributes.push(KeyValue::new("url.path", path.to_owned()));
-                if let Some(query) = &query {
-                    attributes.push(KeyValue::new("url.query", query.clone()));
-                }
-                attributes.push(KeyValue::new("url.scheme", "http"));
-                let (address, port) = match &host {
-                    Some((name, port)) => (
-                        Some(StringValue::from(name.clone())),
-                        port.or(local.map(|a| a.port())),
-                    ),
-                    None => (shared(&text.local_ip), local.map(|a| a.port())),
-                };
-                if let Some(address) = address {
-                    attributes.push(KeyValue::new("server.address", address));
-                }
-                if let Some(port) = port {
-                    attributes.push(KeyValue::new("server.port", i64::from(port)));
-                }
-                if let Some(ip) = shared(&text.remote_ip) {
-                    attributes.push(KeyValue::new("client.address", ip));
-                }
+        if kind == SpanKind::Server {
+            attributes.push(KeyValue::new("url.path", path.to_owned()));
+            if let Some(query) = &query {
+                attributes.push(KeyValue::new("url.query", query.clone()));
             }
-            _ => {
-                let (address, port) = match &host {
-                    Some((name, port)) => (
-                        Some(StringValue::from(name.clone())),
-                        port.or(remote.map(|a| a.port())),
-                    ),
-                    None => (shared(&text.remote_ip), remote.map(|a| a.port())),
-                };
-                let authority = header_str(&request.msg, "host")
-                    .map(str::trim)
-                    .or(text.remote.as_deref())
-                    .unwrap_or_default();
-                let mut full = format!("http://{authority}{path}");
-                if let Some(query) = &query {
-                    full.push('?');
-                    full.push_str(query);
-                }
-                attributes.push(KeyValue::new("url.full", full));
-                if let Some(address) = address {
-                    attributes.push(KeyValue::new("server.address", address));
-                }
-                if let Some(port) = port {
-                    attributes.push(KeyValue::new("server.port", i64::from(port)));
-                }
+            attributes.push(KeyValue::new("url.scheme", view.scheme));
+        } else {
+            let authority = view
+                .authority
+                .map(str::trim)
+                .or(conn.text.remote.as_deref())
+                .unwrap_or_default();
+            let mut full = format!("{}://{authority}{path}", view.scheme);
+            if let Some(query) = &query {
+                full.push('?');
+                full.push_str(query);
             }
+            attributes.push(KeyValue::new("url.full", full));
         }
-        if let (Some(ip), Some(remote)) = (shared(&text.remote_ip), remote) {
-            attributes.push(KeyValue::new("network.peer.address", ip));
-            attributes.push(KeyValue::new("network.peer.port", i64::from(remote.port())));
-        }
-        attributes.push(KeyValue::new("network.protocol.version", version));
-        if let Some(agent) = header_str(&request.msg, "user-agent") {
+        self.peer_attributes(&mut attributes, conn, &kind, view.authority.map(split_host));
+        attributes.push(KeyValue::new("network.protocol.version", view.version));
+        if let Some(agent) = view.user_agent {
             attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
         }
-        if let Some(id) = header_str(&request.msg, "x-request-id") {
+        if let Some(id) = view.request_id {
             attributes.push(KeyValue::new(
                 "http.request.header.x-request-id",
                 Value::Array(vec![opentelemetry::StringValue::from(id.to_owned())].into()),
             ));
         }
-        if request.msg.body_bytes > 0 {
+        if view.request_body > 0 {
             attributes.push(KeyValue::new(
                 "http.request.body.size",
-                request.msg.body_bytes as i64,
+                view.request_body as i64,
             ));
         }
-
         let mut status = Status::Unset;
-        match response {
-            Some(response) => {
-                attributes.push(KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(response.status),
-                ));
-                if response.msg.body_bytes > 0 {
+        match view.status {
+            Some(code) => {
+                attributes.push(KeyValue::new("http.response.status_code", i64::from(code)));
+                if view.response_body > 0 {
                     attributes.push(KeyValue::new(
                         "http.response.body.size",
-                        response.msg.body_bytes as i64,
+                        view.response_body as i64,
                     ));
                 }
                 // 5xx is an error on both sides; 4xx only for the client, whose request failed.
-                let error = response.status >= 500
-                    || (response.status >= 400 && !matches!(kind, SpanKind::Server));
+                let error = code >= 500 || (code >= 400 && kind != SpanKind::Server);
                 if error {
-                    attributes.push(KeyValue::new("error.type", response.status.to_string()));
+                    attributes.push(KeyValue::new("error.type", code.to_string()));
                     status = Status::error("");
                 }
             }
             None => {
                 attributes.push(KeyValue::new("error.type", "_OTHER"));
-                status = Status::error("no response: the connection closed or capture lost it");
+                status = Status::error(view.no_response);
             }
         }
+        let end = view.end_ns.max(view.start_ns);
+        self.finish(
+            Cow::Borrowed(name),
+            kind,
+            ids,
+            attributes,
+            status,
+            view.start_ns,
+            end,
+        )
+    }
 
-        let start = request.msg.start_ns;
-        let end = response
-            .map_or(request.msg.end_ns, |r| r.msg.end_ns)
-            .max(start);
-        let flags = if sampled {
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        name: Cow<'static, str>,
+        kind: SpanKind,
+        ids: &CallIds,
+        mut attributes: Vec<KeyValue>,
+        status: Status,
+        start: u64,
+        end: u64,
+    ) -> SpanData {
+        attributes.push(KeyValue::new(LINK_ATTRIBUTE, ids.link.as_str()));
+        let flags = if ids.sampled {
             TraceFlags::SAMPLED
         } else {
             TraceFlags::default()
         };
-        let span = SpanData {
-            span_context: SpanContext::new(trace_id, span_id, flags, false, trace_state),
-            parent_span_id,
-            parent_span_is_remote: parent_span_id != SpanId::INVALID,
+        SpanData {
+            span_context: SpanContext::new(
+                ids.trace_id,
+                ids.span_id,
+                flags,
+                false,
+                ids.trace_state.clone(),
+            ),
+            parent_span_id: ids.parent_span_id,
+            parent_span_is_remote: ids.parent_is_remote,
             span_kind: kind,
-            name: Cow::Borrowed(name),
+            name,
             start_time: self.time(start),
             end_time: self.time(end),
             attributes,
@@ -356,12 +478,94 @@ impl SpanFactory {
             links: SpanLinks::default(),
             status,
             instrumentation_scope: self.scope.clone(),
-        };
-        BuiltSpan {
-            span,
-            sampled,
-            context_error,
         }
+    }
+}
+
+/// What an HTTP span needs, whatever the version.
+struct HttpView<'a> {
+    method: &'a str,
+    target: &'a str,
+    scheme: &'static str,
+    /// Host (HTTP/1) or :authority (HTTP/2).
+    authority: Option<&'a str>,
+    user_agent: Option<&'a str>,
+    request_id: Option<&'a str>,
+    version: &'static str,
+    status: Option<u16>,
+    request_body: u64,
+    response_body: u64,
+    start_ns: u64,
+    end_ns: u64,
+    /// The status message when no response came.
+    no_response: &'static str,
+}
+
+fn h2_str<'a>(msg: &'a H2Message, name: &str) -> Option<&'a str> {
+    msg.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// gRPC status code names (grpc/doc/statuscodes.md).
+pub fn grpc_code_name(code: u32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .copied()
+        .unwrap_or("_OTHER")
+}
+
+/// Which generation of the RPC semantic conventions to emit, from
+/// OTEL_SEMCONV_STABILITY_OPT_IN (`rpc`: the stable ones only; `rpc/dup`: both; default: the
+/// older experimental ones, as OpenTelemetry instrumentations do).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RpcConventions {
+    #[default]
+    Old,
+    Stable,
+    Both,
+}
+
+impl RpcConventions {
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let value = lookup("OTEL_SEMCONV_STABILITY_OPT_IN").unwrap_or_default();
+        let values: Vec<&str> = value.split(',').map(str::trim).collect();
+        if values.contains(&"rpc/dup") {
+            Self::Both
+        } else if values.contains(&"rpc") {
+            Self::Stable
+        } else {
+            Self::Old
+        }
+    }
+
+    fn old(self) -> bool {
+        self != Self::Stable
+    }
+
+    fn stable(self) -> bool {
+        self != Self::Old
     }
 }
 

@@ -1187,6 +1187,21 @@ pub fn data_summary(events: &Events) -> String {
         .join("\n")
 }
 
+/// The python of the virtual environment holding tests/requirements.txt (the OpenTelemetry
+/// SDK...), which `cargo xtask test` installs and names in TRACER_E2E_VENV.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("TRACER_E2E_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-venv"));
+    let python = venv.join("bin").join("python");
+    assert!(
+        python.exists(),
+        "{} is missing: `cargo xtask setup` installs tests/requirements.txt there",
+        python.display()
+    );
+    python
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

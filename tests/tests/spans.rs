@@ -366,11 +366,25 @@ fn curl_and_http_server_give_a_client_and_a_server_span() {
         },
     );
     check(&mut checks, "server status", s.status_code(), STATUS_UNSET);
+    // No traceparent was sent, but the agent saw both ends of the connection: the server
+    // span is the child of curl's client span, in its trace.
     check(
         &mut checks,
-        "server parent (no traceparent sent)",
+        "server parent (curl's span, linked by the local connection)",
         s.parent_span_id(),
-        String::new(),
+        client_span.span_id(),
+    );
+    check(
+        &mut checks,
+        "server trace (curl's)",
+        s.trace_id(),
+        client_span.trace_id(),
+    );
+    check(
+        &mut checks,
+        "server link method",
+        s.str("tracer_agent.link"),
+        Some("peer_connection"),
     );
     check_ids(&mut checks, "server", s);
     check_timing(&mut checks, "server", s);

@@ -16,7 +16,9 @@ pub const MAX_CAPTURE_LIMIT: u32 = (CHUNK_SIZE * MAX_CHUNKS_PER_SYSCALL) as u32;
 /// Default per-syscall capture limit (bytes).
 pub const DEFAULT_CAPTURE_LIMIT: u32 = 16 * 1024;
 /// iovec entries looked at per readv/writev/sendmsg/recvmsg; later ones count as not captured.
-pub const MAX_IOV: usize = 16;
+/// gRPC stacks write one HTTP/2 HEADERS frame as dozens of small slices: fewer would cut header
+/// blocks and desynchronise HPACK for the rest of the connection.
+pub const MAX_IOV: usize = 128;
 /// Messages looked at per sendmmsg/recvmmsg; later ones count as not captured.
 pub const MAX_MMSG: usize = 4;
 
