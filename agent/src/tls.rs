@@ -38,6 +38,9 @@ const SYSTEM_DIRS: [&str; 5] = [
     "/usr/lib",
 ];
 
+/// Processes without SSL logged at info level; later ones at debug (see `scan_process`).
+const LOGGED_WITHOUT_SSL: u64 = 10;
+
 /// Files larger than this are not searched for symbols (reading them costs too much memory).
 const MAX_FILE_BYTES: u64 = 512 << 20;
 
@@ -256,11 +259,23 @@ impl Tls {
         if !has_ssl {
             self.stats.processes_without_ssl += 1;
             let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            info!(
+            // With --all most processes have none: the first few are logged, the rest counted.
+            let level = if self.stats.processes_without_ssl <= LOGGED_WITHOUT_SSL {
+                log::Level::Info
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
                 "pid {pid} ({}): no OpenSSL in it now (no libssl mapped, no SSL_read/SSL_write \
                  symbols in its executable files); its TLS stays ciphertext unless it loads an \
-                 attached libssl later",
-                name.trim()
+                 attached libssl later{}",
+                name.trim(),
+                if self.stats.processes_without_ssl == LOGGED_WITHOUT_SSL {
+                    " (further ones are counted in tracer_tls_total, logged at debug level)"
+                } else {
+                    ""
+                }
             );
         }
     }
