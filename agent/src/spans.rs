@@ -234,6 +234,8 @@ impl SpanFactory {
         let text = &conn.text;
         let shared = |s: &Option<std::sync::Arc<str>>| s.clone().map(StringValue::from);
         let version = format!("1.{}", request.version);
+        // TLS connections carry the plaintext the OpenSSL uprobes captured.
+        let scheme = if conn.tls { "https" } else { "http" };
 
         match kind {
             SpanKind::Server => {
@@ -241,7 +243,7 @@ impl SpanFactory {
                 if let Some(query) = &query {
                     attributes.push(KeyValue::new("url.query", query.clone()));
                 }
-                attributes.push(KeyValue::new("url.scheme", "http"));
+                attributes.push(KeyValue::new("url.scheme", scheme));
                 let (address, port) = match &host {
                     Some((name, port)) => (
                         Some(StringValue::from(name.clone())),
@@ -271,7 +273,7 @@ impl SpanFactory {
                     .map(str::trim)
                     .or(text.remote.as_deref())
                     .unwrap_or_default();
-                let mut full = format!("http://{authority}{path}");
+                let mut full = format!("{scheme}://{authority}{path}");
                 if let Some(query) = &query {
                     full.push('?');
                     full.push_str(query);
