@@ -39,7 +39,7 @@ pub const OTEL_FALLBACKS: &[(&str, &[&str])] = &[
 ///
 /// Kernel probes (tracepoints only, no kprobes) capture the TCP socket reads and writes of the
 /// traced processes; each HTTP/1.x request they serve or make becomes an OpenTelemetry span.
-/// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN).
+/// Needs root, or CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (README, "Deploying").
 ///
 /// Examples:
 ///   sudo tracer-agent --pid 1234                 # its traces as trees on stdout
@@ -131,6 +131,13 @@ pub struct Cli {
     /// Out-of-order bytes held across all connections.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_pending_total: usize,
+
+    /// Do not capture TLS plaintext. By default the agent puts uprobes on OpenSSL's
+    /// SSL_read/SSL_write: on the system's libssl and the copies traced processes use. The
+    /// kernel runs them in every process that maps those files (the probe keeps only traced
+    /// ones), so untraced processes that use the same libssl pay a few microseconds per call.
+    #[arg(long)]
+    pub no_tls: bool,
 
     /// Seconds between status lines on stderr; 0 turns them off.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]

@@ -59,6 +59,9 @@ pub struct Connection {
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
     pub tuple_source: TupleSource,
+    /// The connection carries TLS (`conn_flags::TLS`): its data is the plaintext the OpenSSL
+    /// uprobes captured, so spans say `https` (the ciphertext never reaches the agent).
+    pub tls: bool,
     pub process: Arc<Process>,
     /// Addresses as text, formatted once: every span of the connection shares them.
     pub text: AddressText,
@@ -172,6 +175,7 @@ impl ConnTable {
             local: None,
             remote: None,
             tuple_source: TupleSource::Unknown,
+            tls: event.flags & conn_flags::TLS != 0,
             process: self.process(header.pid, Some(&event.comm)),
             text: AddressText::default(),
         };
@@ -201,6 +205,7 @@ impl ConnTable {
                 local: None,
                 remote: None,
                 tuple_source: TupleSource::Unknown,
+                tls: false,
                 process: self.process(pid, None),
                 text: AddressText::default(),
             };

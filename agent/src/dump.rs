@@ -40,6 +40,8 @@ fn syscall_name(nr: u32) -> &'static str {
         syscall::ACCEPT => "accept",
         syscall::ACCEPT4 => "accept4",
         syscall::CLOSE => "close",
+        syscall::SSL_READ => "SSL_read",
+        syscall::SSL_WRITE => "SSL_write",
         _ => "?",
     }
 }
@@ -115,7 +117,7 @@ impl<W: Write> Dump<W> {
                 };
                 writeln!(
                     self.out,
-                    "{} OPEN  #{} {} fd={} {} {} {} {} (via {}, tuple from {})",
+                    "{} OPEN  #{} {} fd={} {} {} {} {}{} (via {}, tuple from {})",
                     self.time(ts_ns),
                     conn.id,
                     Self::who(conn, None),
@@ -124,6 +126,7 @@ impl<W: Write> Dump<W> {
                     addr(conn.local),
                     arrow,
                     addr(conn.remote),
+                    if conn.tls { " TLS" } else { "" },
                     syscall_name(via),
                     conn.tuple_source.as_str(),
                 )
@@ -139,6 +142,7 @@ impl<W: Write> Dump<W> {
                 "local": conn.local.map(|a| a.to_string()),
                 "remote": conn.remote.map(|a| a.to_string()),
                 "tuple_source": conn.tuple_source.as_str(),
+                "tls": conn.tls,
                 "via": syscall_name(via),
             })),
         }

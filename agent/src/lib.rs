@@ -21,4 +21,5 @@ pub mod sample;
 pub mod select;
 pub mod spans;
 pub mod streams;
+pub mod tls;
 pub mod tracecontext;

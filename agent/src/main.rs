@@ -28,6 +28,7 @@ use tracer_agent::{
     select::{Selection, Selector},
     spans::{RpcConventions, SpanFactory},
     streams::StreamLimits,
+    tls::Tls,
 };
 
 /// What `--exporter` and the environment select; None: spans are not built at all.
@@ -157,6 +158,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         floor: cli.probe_floor,
     })?;
     let mut selector = selection.start(&mut probes);
+    // TLS plaintext: uprobes on the system's libssl and on the SSL copies of the processes
+    // traced now; `tls_scan` picks up those of processes traced later.
+    let mut tls = Tls::default();
+    let capture_tls = !cli.probe_floor && !cli.no_tls;
+    if capture_tls {
+        tls.attach_system(&mut probes);
+        let targets = probes.targets.clone();
+        tls.scan(&mut probes, &targets);
+    }
     metrics.probes_attached.set(probes.attached as u64);
     metrics.set_ready(true, "all probes attached");
 
@@ -228,7 +238,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         pipeline.sweep();
                         selector.sweep();
                     }
+                    if ticks.is_multiple_of(100) && capture_tls {
+                        tls_scan(&mut tls, &mut probes, cli.all);
+                    }
                     publish(&metrics, &probes, &pipeline, &kernel, cli.all, refresh);
+                    publish_tls(&metrics, &tls, &kernel);
                     if !status_every.is_zero() && last_status.elapsed() >= status_every {
                         last_status = tokio::time::Instant::now();
                         print_status(&pipeline, &kernel);
@@ -249,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     pipeline.flush();
     let kernel = probes.counters();
     publish(&metrics, &probes, &pipeline, &kernel, cli.all, true);
+    publish_tls(&metrics, &tls, &kernel);
     print_status(&pipeline, &kernel);
     if let Some(exporter) = exporter {
         exporter.shutdown(Duration::from_secs(5)).await;
@@ -278,6 +293,49 @@ fn drain(
     }
     if any {
         pipeline.flush();
+    }
+}
+
+/// Looks for SSL copies in processes traced since the last scan (every second).
+fn tls_scan(tls: &mut Tls, probes: &mut Probes, trace_all: bool) {
+    let pids: Vec<u32> = if trace_all {
+        let agent = std::process::id();
+        procfs::process::all_processes()
+            .map(|all| {
+                all.filter_map(|p| p.ok().map(|p| p.pid as u32))
+                    .filter(|&pid| pid != agent)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        probes.traced.pids_where(|state| {
+            state == tracer_common::traced::TRACED || tracer_common::traced::is_pending(state)
+        })
+    };
+    tls.scan(probes, &pids);
+}
+
+fn publish_tls(metrics: &Metrics, tls: &Tls, kernel: &KernelCounters) {
+    let stats = &tls.stats;
+    for (event, total) in [
+        ("files_attached", stats.files_attached),
+        ("processes_without_ssl", stats.processes_without_ssl),
+        ("libssl_without_symbols", stats.libssl_without_symbols),
+        ("errors", stats.errors),
+        (
+            "plaintext_lost_no_socket",
+            kernel.get(counter::LOSS_TLS_NO_SOCKET),
+        ),
+        (
+            "calls_lost_map_full",
+            kernel.get(counter::LOSS_TLS_CALL_MAP_FULL),
+        ),
+        (
+            "ciphertext_bytes",
+            kernel.get(counter::TLS_CIPHERTEXT_BYTES),
+        ),
+    ] {
+        metrics.observe_total(&metrics.tls(event), total);
     }
 }
 
@@ -336,6 +394,14 @@ fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
             (
                 "connection map full",
                 kernel.get(counter::LOSS_CONN_MAP_FULL),
+            ),
+            (
+                "TLS plaintext without a socket",
+                kernel.get(counter::LOSS_TLS_NO_SOCKET),
+            ),
+            (
+                "TLS calls (call map full)",
+                kernel.get(counter::LOSS_TLS_CALL_MAP_FULL),
             ),
             ("undecodable", pipeline.stats.decode_errors),
             ("dump lines unwritten", pipeline.stats.dump_errors),

@@ -292,6 +292,7 @@ pub struct Metrics {
     /// Whether a drop of each [`SpanDrop`] reason was logged already (index: `SpanDrop::index`).
     span_drop_logged: [AtomicBool; SpanDrop::ALL.len()],
     spans_kept: Family<[(&'static str, &'static str); 1], Counter>,
+    tls: Family<[(&'static str, &'static str); 1], Counter>,
     kernel_lost_events: Family<KernelLoss, Counter>,
     kernel_lost_bytes: Family<KernelLoss, Counter>,
     userspace_lost_events: Family<UserspaceEventLoss, Counter>,
@@ -302,6 +303,17 @@ pub struct Metrics {
     calls_skipped: Family<OneLabel, Counter>,
     readiness: Mutex<Readiness>,
 }
+
+/// `event` values of `tracer_tls_total`.
+pub const TLS_EVENTS: [&str; 7] = [
+    "files_attached",
+    "processes_without_ssl",
+    "libssl_without_symbols",
+    "errors",
+    "plaintext_lost_no_socket",
+    "calls_lost_map_full",
+    "ciphertext_bytes",
+];
 
 /// `{parser, reason}` of `tracer_parse_errors_total`; both come from fixed sets of names.
 pub type ParseLabels = [(&'static str, &'static str); 2];
@@ -479,6 +491,14 @@ impl Metrics {
             "Export requests that succeeded (one per traced process in a batch)",
             export_batches.clone(),
         );
+        let tls = precreated(TLS_EVENTS.map(|event| [("event", event)]));
+        registry.register(
+            "tls",
+            "TLS capture (uprobes on OpenSSL): files attached, processes or libssl files without \
+             SSL symbols, inspect/attach errors, plaintext lost for want of a socket, SSL calls \
+             missed (call map full), ciphertext bytes kept out of the pipeline",
+            tls.clone(),
+        );
         let export_queue_length = CountGauge::default();
         registry.register(
             "export_queue_length",
@@ -507,6 +527,7 @@ impl Metrics {
             spans_dropped,
             span_drop_logged: Default::default(),
             spans_kept,
+            tls,
             parse_errors,
             span_links,
             link_limits,
@@ -569,6 +590,11 @@ impl Metrics {
 
     pub fn spans_dropped(&self, reason: SpanDrop) -> Counter {
         self.spans_dropped.get_or_create_owned(&reason)
+    }
+
+    /// `tracer_tls_total{event}`, one of [`TLS_EVENTS`].
+    pub fn tls(&self, event: &'static str) -> Counter {
+        self.tls.get_or_create_owned(&[("event", event)])
     }
 
     /// `tracer_spans_kept_total{reason}` (`error`, `slow`): spans exported although sampled out.

@@ -15,6 +15,8 @@ use crate::{
 
 /// Segments held per connection while detection needs more bytes.
 const MAX_DETECT_SEGMENTS: usize = 4;
+/// Bytes of a direction detection looks at, at most.
+const DETECT_BYTES: usize = 16 * 1024;
 
 enum State {
     /// Not decided: segments wait here (bounded).
@@ -264,7 +266,9 @@ impl Protocols {
                     .chain(std::iter::once(&segment))
                     .filter(|s| s.direction == segment.direction)
                     .flat_map(|s| s.data.iter().copied())
-                    .take(64)
+                    // HTTP/1 and the HTTP/2 preface need a few bytes; a connection joined
+                    // mid-way needs a whole frame plus the next frame header.
+                    .take(DETECT_BYTES)
                     .collect();
                 match detect(&first) {
                     Detected::Http1 => {

@@ -149,7 +149,7 @@ impl SpanFactory {
         let view = HttpView {
             method: &request.method,
             target: &request.target,
-            scheme: "http",
+            scheme: if conn.tls { "https" } else { "http" },
             authority: header_str(&request.msg, "host"),
             user_agent: header_str(&request.msg, "user-agent"),
             request_id: header_str(&request.msg, "x-request-id"),
@@ -184,7 +184,9 @@ impl SpanFactory {
             target: field(":path").unwrap_or("/"),
             scheme: match field(":scheme") {
                 Some("https") => "https",
-                _ => "http",
+                Some(_) => "http",
+                None if conn.tls => "https",
+                None => "http",
             },
             authority: field(":authority").or_else(|| field("host")),
             user_agent: field("user-agent"),

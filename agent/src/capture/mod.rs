@@ -19,7 +19,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, trace_point::TracePointLinkId},
+    programs::{
+        TracePoint, UProbe,
+        trace_point::TracePointLinkId,
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+    },
 };
 use log::{debug, info, warn};
 use tokio::io::unix::AsyncFd;
@@ -105,6 +109,10 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Every attachment, by program name, for `detach`.
     links: Vec<(String, TracePointLinkId)>,
+    /// The TLS uprobes (see `crate::tls`), by program name, for `detach`.
+    uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    /// Whether the TLS uprobe programs are loaded into the kernel (on first use).
+    uprobes_loaded: bool,
     /// Kernel log lines; must be kept alive (dropping it breaks later loads) and flushed.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub events: AsyncFd<RingBuf<MapData>>,
@@ -312,6 +320,8 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         targets,
         ebpf,
         links,
+        uprobe_links: Vec::new(),
+        uprobes_loaded: false,
         logger,
         events: register(events).map_err(CaptureError::Poll)?,
         counters,
@@ -542,11 +552,32 @@ impl Probes {
                 None => warn!("detaching {name}: program not found"),
             }
         }
+        let mut taken_uprobes = Vec::new();
+        for (name, link) in self.uprobe_links.drain(..) {
+            let program: Option<&mut UProbe> =
+                self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+            match program.map(|p| p.take_link(link)) {
+                Some(Ok(link)) => taken_uprobes.push(link),
+                Some(Err(err)) => warn!("detaching {name}: {err}"),
+                None => warn!("detaching {name}: program not found"),
+            }
+        }
         std::thread::scope(|scope| {
             for link in taken {
                 scope.spawn(move || drop(link));
             }
+            for link in taken_uprobes {
+                scope.spawn(move || drop(link));
+            }
         });
+    }
+
+    fn uprobe(&mut self, name: &str) -> Result<&mut UProbe, String> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the probe object has no program {name}"))?
+            .try_into()
+            .map_err(|err| format!("{name}: {err}"))
     }
 
     /// Forwards pending kernel log lines into the agent's log.
@@ -554,5 +585,41 @@ impl Probes {
         if let Some(logger) = self.logger.as_mut() {
             logger.flush();
         }
+    }
+}
+
+impl crate::tls::Attach for Probes {
+    /// Host-wide uprobes on each function's entry and return: the kernel fires them in every
+    /// process that maps the file, and the programs keep the traced ones.
+    fn attach_ssl(&mut self, file: &crate::tls::SslFile) -> Result<usize, String> {
+        use crate::tls::{FUNCTIONS, RETURN_PROGRAM};
+        if !self.uprobes_loaded {
+            for name in FUNCTIONS.iter().map(|(_, p)| *p).chain([RETURN_PROGRAM]) {
+                self.uprobe(name)?
+                    .load()
+                    .map_err(|err| format!("loading {name}: {err}"))?;
+            }
+            self.uprobes_loaded = true;
+        }
+        let mut attached = 0;
+        for &(function, offset) in &file.offsets {
+            let Some(&(_, entry)) = FUNCTIONS.iter().find(|(f, _)| *f == function) else {
+                continue;
+            };
+            for program in [entry, RETURN_PROGRAM] {
+                let link = self
+                    .uprobe(program)?
+                    .attach(
+                        UProbeAttachLocation::AbsoluteOffset(offset),
+                        &file.path,
+                        UProbeScope::AllProcesses,
+                    )
+                    .map_err(|err| format!("{program} on {function}: {err}"))?;
+                self.uprobe_links.push((program, link));
+                attached += 1;
+            }
+        }
+        self.attached += attached;
+        Ok(attached)
     }
 }

@@ -113,6 +113,10 @@ pub mod syscall {
     pub const ACCEPT: u32 = 13;
     pub const ACCEPT4: u32 = 14;
     pub const CLOSE: u32 = 15;
+    /// Plaintext handed to OpenSSL's SSL_write / SSL_write_ex (a uprobe, not a syscall).
+    pub const SSL_WRITE: u32 = 16;
+    /// Plaintext returned by OpenSSL's SSL_read / SSL_read_ex.
+    pub const SSL_READ: u32 = 17;
 }
 
 /// `DataEvent::flags` bits.
@@ -134,6 +138,9 @@ pub mod conn_flags {
     /// `tuple` is filled in (from `sock:inet_sock_set_state` or `tcp:tcp_rcv_space_adjust`).
     /// Without it the agent looks the socket up in /proc.
     pub const TUPLE_KNOWN: u32 = 1 << 0;
+    /// The connection carries TLS: its first bytes were a TLS record, or they moved inside an
+    /// SSL_* call. Its ciphertext is never sent; DATA events carry the plaintext instead.
+    pub const TLS: u32 = 1 << 1;
 }
 
 /// Indexes of the per-CPU `COUNTERS` array. Every place the probes can lose data has one.
@@ -154,8 +161,17 @@ pub mod counter {
     pub const LOSS_INFLIGHT_MAP_FULL: u32 = 6;
     /// Connections not tracked because the connection map was full.
     pub const LOSS_CONN_MAP_FULL: u32 = 7;
+    /// Ciphertext bytes of TLS connections, not sent (their plaintext is, from the uprobes).
+    pub const TLS_CIPHERTEXT_BYTES: u32 = 8;
+    /// SSL_* calls that returned plaintext whose socket was never seen (no syscall inside
+    /// this or an earlier call on the same SSL object): the plaintext is lost.
+    pub const LOSS_TLS_NO_SOCKET: u32 = 9;
+    /// Payload bytes lost with those calls.
+    pub const LOSS_TLS_NO_SOCKET_BYTES: u32 = 10;
+    /// SSL_* calls not followed because the in-flight SSL call map was full.
+    pub const LOSS_TLS_CALL_MAP_FULL: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
 }
 
 /// Common prefix of every ring buffer record.

@@ -22,6 +22,8 @@
 #![no_std]
 #![no_main]
 
+mod tls;
+
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
@@ -149,6 +151,10 @@ struct ConnState {
     /// 1 once the OPEN event went out. Connects announce at first I/O (or close), when the
     /// tuple is final: the source port is picked after SYN_SENT fires.
     announced: u32,
+    /// 1 once the connection is known to carry TLS (see `tls`): its syscalls' bytes are
+    /// ciphertext, not sent; positions count the plaintext the uprobes emit.
+    tls: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -686,7 +692,22 @@ fn emit_open(pid_tgid: u64, fd: i32, conn: &ConnState, nr: u32) {
             event.role = info.role;
         }
     }
+    if conn.tls != 0 {
+        event.flags |= conn_flags::TLS;
+    }
     output(&event);
+}
+
+/// Address of the first byte a read/write syscall moved (0 when not a plain buffer or iovec).
+#[inline(always)]
+fn first_byte(inflight: &Inflight) -> u64 {
+    match inflight.syscall {
+        syscall::READ | syscall::WRITE | syscall::RECVFROM | syscall::SENDTO => inflight.buf,
+        syscall::READV | syscall::WRITEV => {
+            read_user::<Iovec>(inflight.buf).map_or(0, |iov| iov.base)
+        }
+        _ => 0,
+    }
 }
 
 fn emit_close(pid_tgid: u64, fd: i32, conn: &ConnState) {
@@ -698,13 +719,8 @@ fn emit_close(pid_tgid: u64, fd: i32, conn: &ConnState) {
 }
 
 /// The connection on (tgid, fd) for socket `sk`, created (and announced) on first sight.
-fn conn_for(
-    ctx: &TracePointContext,
-    pid_tgid: u64,
-    fd: i32,
-    sk: u64,
-    nr: u32,
-) -> Option<*mut ConnState> {
+fn conn_for(ctx: &TracePointContext, pid_tgid: u64, inflight: &Inflight) -> Option<*mut ConnState> {
+    let (fd, sk, nr) = (inflight.fd, inflight.sk, inflight.syscall);
     let key = ConnKey {
         tgid: (pid_tgid >> 32) as u32,
         fd,
@@ -719,6 +735,7 @@ fn conn_for(
         if existing.sk == sk {
             if existing.announced == 0 {
                 existing.announced = 1;
+                existing.tls = tls::starts_tls(pid_tgid, first_byte(inflight));
                 // Seen at connect() or accept(); name that syscall rather than this I/O.
                 let via = if existing.role == role::CLIENT {
                     syscall::CONNECT
@@ -735,12 +752,15 @@ fn conn_for(
     if let Some(info) = unsafe { SOCKS.get(sk) } {
         role = info.role;
     }
+    let tls = tls::starts_tls(pid_tgid, first_byte(inflight));
     let state = ConnState {
         id: new_conn_id(),
         sk,
         pos: [0, 0],
         role,
         announced: 1,
+        tls,
+        _pad: 0,
     };
     if CONNS.insert(key, state, 0).is_err() {
         if count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
@@ -772,6 +792,8 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         pos: [0, 0],
         role: role::CLIENT,
         announced: 0,
+        tls: 0,
+        _pad: 0,
     };
     if CONNS.insert(key, state, 0).is_err() && count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
         warn!(&ctx, "connection map full: a connection is not traced");
@@ -796,6 +818,8 @@ fn exit_accept(ctx: &TracePointContext) -> u32 {
         pos: [0, 0],
         role: role::SERVER,
         announced: 0,
+        tls: 0,
+        _pad: 0,
     };
     let key = ConnKey {
         tgid: (pid_tgid >> 32) as u32,
@@ -1145,7 +1169,10 @@ fn exit_io(ctx: &TracePointContext, dir: u32) -> Option<(u64, Inflight, *mut Con
     if dir == direction::INGRESS && inflight.recv_flags & MSG_PEEK != 0 {
         return None;
     }
-    let conn = conn_for(ctx, pid_tgid, inflight.fd, inflight.sk, inflight.syscall)?;
+    let conn = conn_for(ctx, pid_tgid, &inflight)?;
+    if tls::ciphertext(pid_tgid, inflight.fd, conn, ret as u64) {
+        return None;
+    }
     Some((pid_tgid, inflight, conn, ret))
 }
 

@@ -1,0 +1,428 @@
+//! TLS end to end: the real agent puts uprobes on the real OpenSSL (Debian's libssl.so.3) of
+//! real processes (curl, a Python `ssl` server with a certificate this test makes), and its
+//! spans and dump show the plaintext HTTP, never the ciphertext.
+
+use std::{
+    fs,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use tracer_e2e::{
+    Agent, Checks, Peer, STEP_TIMEOUT, TempDir,
+    otlp_receiver::{KIND_CLIENT, KIND_SERVER, Protocol, ReceivedSpan, Receiver, summaries},
+    python, wait_for_listen, wait_until,
+};
+
+const SPAN_WAIT: Duration = Duration::from_secs(20);
+const BODY: &str = "hello over TLS\n";
+const LIBSSL: &str = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
+
+/// A self-signed certificate and key for 127.0.0.1, made with the openssl command.
+fn certificate(dir: &Path) {
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the openssl command is needed to make the test certificate");
+    assert!(status.success(), "openssl req failed: {status}");
+}
+
+/// An HTTPS server (Python's http.server behind `ssl`, HTTP/1.1 keep-alive) serving /hello
+/// from `dir`, which holds the certificate. Prints `port N` once listening.
+const HTTPS_SERVER: &str = r#"
+import http.server, ssl, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        body = open(sys.argv[2], "rb").read() if self.path == "/hello" else b"not found\n"
+        self.send_response(200 if self.path == "/hello" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1] + "/cert.pem", sys.argv[1] + "/key.pem")
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+print("port", server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// Starts the HTTPS server as `python3 -u <dir>/<script_name> <dir> <dir>/hello.txt` (a script
+/// file, so `--exe` can select it by name). Returns it and its port.
+fn https_server(dir: &TempDir, script_name: &str) -> (Peer, u16) {
+    fs::write(dir.path().join("hello.txt"), BODY).expect("write hello.txt");
+    let script = dir.path().join(script_name);
+    fs::write(&script, HTTPS_SERVER).expect("write the server script");
+    let mut cmd = Command::new(python());
+    cmd.arg("-u")
+        .arg(&script)
+        .arg(dir.path())
+        .arg(dir.path().join("hello.txt"));
+    let mut server = Peer::spawn("https server", cmd);
+    let port: u16 = server.expect_num("port");
+    wait_for_listen(port);
+    (server, port)
+}
+
+/// curl, waiting for a line on stdin before it runs (so the agent can be started first and
+/// given its pid), then fetching `urls` over one connection.
+fn curl(urls: &[String]) -> Peer {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "read go && exec curl \"$@\"", "curl"])
+        .args([
+            "-sS",
+            "-k",
+            "--max-time",
+            "10",
+            "-w",
+            "result %{http_code}\\n",
+        ])
+        .args(urls);
+    Peer::spawn("curl", cmd)
+}
+
+fn curl_ok(curl: &mut Peer, n: usize) {
+    for _ in 0..n {
+        let line = curl.expect("result");
+        assert_eq!(line.trim(), "200", "curl got {line}\n{}", curl.output());
+    }
+}
+
+fn exporting_agent(receiver: &Receiver, args: &[&str]) -> Agent {
+    let endpoint = receiver.endpoint();
+    let mut full = vec![
+        "--exporter",
+        "otlp",
+        "--otlp-protocol",
+        receiver.protocol.flag(),
+        "--otlp-endpoint",
+        endpoint.as_str(),
+    ];
+    full.extend(args);
+    Agent::start_exporting(&full, &[])
+}
+
+fn of(spans: &[ReceivedSpan], kind: i32, pid: u32) -> Vec<&ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| s.span.kind == kind && s.pid() == Some(pid))
+        .collect()
+}
+
+fn check<T: PartialEq + std::fmt::Debug>(checks: &mut Checks, what: &str, got: T, want: T) {
+    checks.add((got != want).then(|| format!("{what}: expected {want:?}, got {got:?}")));
+}
+
+fn skip_without_libssl() -> bool {
+    if Path::new(LIBSSL).exists() {
+        return false;
+    }
+    eprintln!("skipped: {LIBSSL} is not installed");
+    true
+}
+
+/// curl -> Python ssl server, both traced: one CLIENT span on curl and one SERVER span on the
+/// server per request, with https, the path, the status and the real addresses; the
+/// connections carry no ciphertext in the dump.
+#[test]
+fn curl_https_to_python_ssl_server_gives_https_spans() {
+    if skip_without_libssl() {
+        return;
+    }
+    let dir = TempDir::new("tls");
+    certificate(dir.path());
+    let (server, port) = https_server(&dir, "https_server.py");
+    let urls = vec![
+        format!("https://127.0.0.1:{port}/hello"),
+        format!("https://127.0.0.1:{port}/missing"),
+    ];
+    let mut curl = curl(&urls);
+    let receiver = Receiver::start(Protocol::Grpc);
+    let (spid, cpid) = (server.pid(), curl.pid());
+    let (spid_text, cpid_text) = (spid.to_string(), cpid.to_string());
+    let mut agent = exporting_agent(&receiver, &["--pid", &spid_text, "--pid", &cpid_text]);
+
+    curl.send("go");
+    curl_ok(&mut curl, 1);
+    let line = curl.expect("result");
+    assert_eq!(line.trim(), "404", "curl got {line}");
+    curl.finish();
+    receiver.wait_spans("two SERVER and two CLIENT spans", SPAN_WAIT, |s| {
+        of(s, KIND_SERVER, spid).len() >= 2 && of(s, KIND_CLIENT, cpid).len() >= 2
+    });
+    let metrics = agent.metrics();
+    agent.stop_ok();
+    let spans = receiver.spans();
+    let mut checks = Checks::default();
+    check(&mut checks, "span count", spans.len(), 4);
+    let mut servers = of(&spans, KIND_SERVER, spid);
+    servers.sort_by_key(|s| s.start_ns());
+    let mut clients = of(&spans, KIND_CLIENT, cpid);
+    clients.sort_by_key(|s| s.start_ns());
+    for (i, (path, status)) in [("/hello", 200), ("/missing", 404)].into_iter().enumerate() {
+        let (Some(s), Some(c)) = (servers.get(i), clients.get(i)) else {
+            break;
+        };
+        check(
+            &mut checks,
+            "server url.scheme",
+            s.str("url.scheme"),
+            Some("https"),
+        );
+        check(
+            &mut checks,
+            "server url.path",
+            s.str("url.path"),
+            Some(path),
+        );
+        check(
+            &mut checks,
+            "server status",
+            s.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "server server.port",
+            s.int("server.port"),
+            Some(i64::from(port)),
+        );
+        check(
+            &mut checks,
+            "server network.protocol.version",
+            s.str("network.protocol.version"),
+            Some("1.1"),
+        );
+        let full = format!("https://127.0.0.1:{port}{path}");
+        check(
+            &mut checks,
+            "client url.full",
+            c.str("url.full"),
+            Some(&full),
+        );
+        check(
+            &mut checks,
+            "client status",
+            c.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "client network.peer.port",
+            c.int("network.peer.port"),
+            Some(i64::from(port)),
+        );
+    }
+    let files = tracer_e2e::metric_value(&metrics, "tracer_tls_total{event=\"files_attached\"}");
+    checks.add(
+        (files.unwrap_or(0.0) < 1.0).then(|| format!("tracer_tls_total files_attached {files:?}")),
+    );
+    let cipher = tracer_e2e::metric_value(&metrics, "tracer_tls_total{event=\"ciphertext_bytes\"}");
+    checks.add(
+        (cipher.unwrap_or(0.0) < 1000.0)
+            .then(|| format!("ciphertext bytes kept out: {cipher:?} (a handshake is several kB)")),
+    );
+    checks.finish(&format!("every span:\n{}", summaries(&spans)));
+}
+
+/// The dump of a traced HTTPS server: its connection is marked TLS, and what it read and wrote
+/// is the plaintext request and response, by SSL_read/SSL_write, with no ciphertext at all.
+#[test]
+fn dump_shows_plaintext_and_no_ciphertext() {
+    if skip_without_libssl() {
+        return;
+    }
+    let dir = TempDir::new("tls");
+    certificate(dir.path());
+    let (server, port) = https_server(&dir, "https_server.py");
+    let spid = server.pid();
+    let mut agent = Agent::start(&["--pid", &spid.to_string()]);
+    let mut curl = curl(&[format!("https://127.0.0.1:{port}/hello")]);
+    curl.send("go");
+    curl_ok(&mut curl, 1);
+    curl.finish();
+    let events = agent.wait_events("the server's response", STEP_TIMEOUT, |e| {
+        e.data
+            .iter()
+            .any(|d| d.pid == spid && d.data.ends_with(BODY.as_bytes()))
+    });
+    let open = events.conn_of(spid, "the HTTPS connection", |o| o.role == "server");
+    let conn = open.conn;
+    let mut checks = Checks::default();
+    let tls_flag = events
+        .all
+        .iter()
+        .find(|(v, _)| v["event"] == "open" && v["conn"] == conn)
+        .map(|(v, _)| v["tls"].clone());
+    check(
+        &mut checks,
+        "open.tls",
+        tls_flag,
+        Some(serde_json::Value::Bool(true)),
+    );
+    let syscalls: Vec<&str> = events
+        .data
+        .iter()
+        .filter(|d| d.conn == conn)
+        .map(|d| d.syscall.as_str())
+        .collect();
+    checks.add(syscalls.iter().any(|s| !s.starts_with("SSL_")).then(|| {
+        format!("data of the TLS connection other than SSL_read/SSL_write: {syscalls:?}")
+    }));
+    match events.stream(conn, "read") {
+        Ok(stream) => {
+            let text = String::from_utf8_lossy(&stream.bytes).into_owned();
+            checks.add(
+                (!text.starts_with("GET /hello HTTP/1.1\r\n") || !text.ends_with("\r\n\r\n"))
+                    .then(|| format!("request stream: {text:?}")),
+            );
+        }
+        Err(err) => checks.add(Some(err)),
+    }
+    match events.stream(conn, "write") {
+        Ok(stream) => {
+            let text = String::from_utf8_lossy(&stream.bytes).into_owned();
+            checks.add(
+                (!text.starts_with("HTTP/1.0 200 OK\r\n")
+                    && !text.starts_with("HTTP/1.1 200 OK\r\n")
+                    || !text.ends_with(BODY))
+                .then(|| format!("response stream: {text:?}")),
+            );
+        }
+        Err(err) => checks.add(Some(err)),
+    }
+    agent.stop_ok();
+    checks.finish(&events.lines_of(conn));
+}
+
+/// A server that starts after the agent (selected by `--exe`, by its script's name) is traced
+/// over TLS from its first request: the uprobes on the system libssl cover every process that
+/// maps it.
+#[test]
+fn https_server_started_after_the_agent_is_traced() {
+    if skip_without_libssl() {
+        return;
+    }
+    let receiver = Receiver::start(Protocol::HttpProtobuf);
+    let mut agent = exporting_agent(&receiver, &["--exe", "late_tls_server.py"]);
+    let dir = TempDir::new("tls");
+    certificate(dir.path());
+    let (server, port) = https_server(&dir, "late_tls_server.py");
+    let spid = server.pid();
+    let mut curl = curl(&[format!("https://127.0.0.1:{port}/hello")]);
+    curl.send("go");
+    curl_ok(&mut curl, 1);
+    curl.finish();
+    receiver.wait_spans("the late server's SERVER span", SPAN_WAIT, |s| {
+        !of(s, KIND_SERVER, spid).is_empty()
+    });
+    agent.stop_ok();
+    let spans = receiver.spans();
+    let servers = of(&spans, KIND_SERVER, spid);
+    let mut checks = Checks::default();
+    check(&mut checks, "server spans", servers.len(), 1);
+    if let Some(s) = servers.first() {
+        check(
+            &mut checks,
+            "url.scheme",
+            s.str("url.scheme"),
+            Some("https"),
+        );
+        check(&mut checks, "url.path", s.str("url.path"), Some("/hello"));
+        check(
+            &mut checks,
+            "status",
+            s.int("http.response.status_code"),
+            Some(200),
+        );
+    }
+    checks.finish(&summaries(&spans));
+}
+
+/// A traced process with no OpenSSL in it, and one that maps a "libssl" without SSL symbols
+/// (libcrypto under libssl's name, preloaded): each gets a log line and a counter, and the
+/// agent carries on.
+#[test]
+fn processes_without_openssl_are_logged_and_counted() {
+    if skip_without_libssl() {
+        return;
+    }
+    let dir = TempDir::new("tls");
+    let fake = dir.path().join("libssl.so.3");
+    fs::copy("/usr/lib/x86_64-linux-gnu/libcrypto.so.3", &fake).expect("copy libcrypto");
+    let mut plain = Peer::spawn("sleep", {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo ready; exec sleep 60"]);
+        cmd
+    });
+    plain.expect("ready");
+    let mut preloaded = Peer::spawn("preloaded sleep", {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo ready; exec sleep 60"])
+            .env("LD_PRELOAD", &fake);
+        cmd
+    });
+    preloaded.expect("ready");
+    // The exec must be done before the agent reads the process's maps.
+    let exec_done = |pid: u32| {
+        wait_until(STEP_TIMEOUT, || {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        })
+    };
+    assert!(exec_done(plain.pid()) && exec_done(preloaded.pid()));
+    let started = Instant::now();
+    let mut agent = Agent::start(&[
+        "--pid",
+        &plain.pid().to_string(),
+        "--pid",
+        &preloaded.pid().to_string(),
+    ]);
+    agent.wait_metric(
+        "tracer_tls_total{event=\"processes_without_ssl\"}",
+        2.0,
+        STEP_TIMEOUT,
+    );
+    agent.wait_metric(
+        "tracer_tls_total{event=\"libssl_without_symbols\"}",
+        1.0,
+        STEP_TIMEOUT,
+    );
+    agent.assert_running();
+    let stderr = agent.stderr_text();
+    let mut checks = Checks::default();
+    let plain_line = format!("pid {} (sleep): no OpenSSL in it now", plain.pid());
+    checks.add((!stderr.contains(&plain_line)).then(|| format!("no line {plain_line:?}")));
+    checks.add(
+        (!stderr.contains(&format!(
+            "{} (pid {}) has no SSL_read/SSL_write symbols",
+            fake.display(),
+            preloaded.pid()
+        )))
+        .then(|| "no line about the libssl without symbols".to_owned()),
+    );
+    checks.add(
+        (agent.metric("tracer_tls_total{event=\"errors\"}") != 0.0)
+            .then(|| "tracer_tls_total errors is not 0".to_owned()),
+    );
+    agent.stop_ok();
+    checks.finish(&format!(
+        "after {:?}\n--- agent stderr ---\n{stderr}",
+        started.elapsed()
+    ));
+}
