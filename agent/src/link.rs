@@ -818,6 +818,7 @@ mod tests {
             tuple_source: TupleSource::Kernel,
             process: Arc::clone(process),
             text: AddressText::default(),
+            tls: false,
         }
     }
 
