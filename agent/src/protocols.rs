@@ -450,3 +450,81 @@ impl Protocols {
         self.conns.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::streams::Direction;
+
+    /// A capture of `C hex` (client to server) and `S hex` lines, as the server's segments.
+    fn server_segments(text: &str) -> Vec<Segment> {
+        let (mut pos, mut ts) = ([0u64; 2], 1_000u64);
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let (direction, hex) = match line.split_once(' ') {
+                Some(("C", hex)) => (Direction::Ingress, hex),
+                Some(("S", hex)) => (Direction::Egress, hex),
+                _ => continue,
+            };
+            let data: Vec<u8> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+                .collect();
+            let slot = usize::from(direction == Direction::Egress);
+            ts += 1_000;
+            out.push(Segment {
+                conn_id: 7,
+                direction,
+                tid: 1,
+                pos: pos[slot],
+                data: Bytes::from(data.clone()),
+                gap_before: 0,
+                enter_ns: ts,
+                exit_ns: ts + 10,
+            });
+            pos[slot] += data.len() as u64;
+        }
+        out
+    }
+
+    #[test]
+    fn an_h2c_upgrade_continues_as_http2_stream_1() {
+        let segments = server_segments(include_str!("http2/testdata/curl_upgrade_h2c.txt"));
+        let mut protocols = Protocols::default();
+        let (mut out, mut started) = (Vec::new(), Vec::new());
+        for segment in segments {
+            protocols.push(segment, Role::Server, &mut out, &mut |info| {
+                started.push((info.seq, info.method.to_owned(), info.http2))
+            });
+        }
+        protocols.close(7, &mut out);
+        // The HTTP/1.1 request was announced as request 0, then replaced by stream 1.
+        assert_eq!(started.first(), Some(&(0, "GET".to_owned(), false)));
+        assert!(
+            started.contains(&(1, "GET".to_owned(), true)),
+            "{started:?}"
+        );
+        assert!(
+            out.iter()
+                .any(|f| matches!(f, Finished::Replaced { seq: 0, .. })),
+            "{out:?}"
+        );
+        let streams: Vec<&Http2Exchange> = out
+            .iter()
+            .filter_map(|f| match f {
+                Finished::Http2(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(streams.len(), 1, "{out:?}");
+        assert_eq!(streams[0].stream_id, 1);
+        assert_eq!(
+            streams[0].response.as_ref().and_then(|r| r.status()),
+            Some(200)
+        );
+        assert!(
+            !out.iter().any(|f| matches!(f, Finished::Http1(_))),
+            "no 101 span: {out:?}"
+        );
+        assert_eq!(protocols.stats.http2_connections, 1);
+    }
+}

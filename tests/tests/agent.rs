@@ -209,3 +209,124 @@ say("done")
         own.join("\n")
     );
 }
+
+/// Ids of the eBPF programs process `pid` holds open (its fds' `prog_id` in fdinfo).
+fn programs_of(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Whether the kernel still has program `id` (`bpftool prog show id ID` succeeds).
+fn program_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("bpftool is needed for this test (cargo xtask setup installs it)")
+        .success()
+}
+
+#[test]
+fn sigterm_flushes_queued_spans_to_the_collector() {
+    use tracer_e2e::otlp_receiver::{Protocol, Receiver};
+    let receiver = Receiver::start(Protocol::HttpProtobuf);
+    let (server, port, _www) = tracer_e2e::http_server("hello.txt", "hello\n");
+    let pid = server.pid().to_string();
+    let endpoint = receiver.endpoint();
+    // Batches would leave only after a minute: whatever arrives came from the flush at exit.
+    let mut agent = Agent::start_exporting(
+        &[
+            "--exporter",
+            "otlp",
+            "--otlp-protocol",
+            "http/protobuf",
+            "--otlp-endpoint",
+            &endpoint,
+            "--pid",
+            &pid,
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "60000")],
+    );
+    for _ in 0..5 {
+        let (code, _) = tracer_e2e::http_get(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            "/hello.txt",
+        )
+        .expect("GET");
+        assert_eq!(code, 200);
+    }
+    agent.wait_metric("tracer_spans_created_total", 5.0, STEP_TIMEOUT);
+    assert!(
+        receiver.spans().is_empty(),
+        "nothing is sent before the batch delay"
+    );
+    let start = Instant::now();
+    assert!(agent.stop().success(), "the agent exits cleanly on SIGTERM");
+    let took = start.elapsed();
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 5, "every queued span is flushed at SIGTERM");
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+}
+
+#[test]
+fn a_sigkilled_agent_leaves_the_traced_process_working_and_nothing_loaded() {
+    let (server, port, _www) = tracer_e2e::http_server("hello.txt", "hello\n");
+    let pid = server.pid().to_string();
+    let agent = Agent::start(&["--pid", &pid]);
+    let agent_pid = agent.pid();
+    let loaded = programs_of(agent_pid);
+    assert!(!loaded.is_empty(), "the running agent holds its programs");
+    assert!(
+        program_exists(loaded[0]),
+        "bpftool sees the agent's programs"
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(
+        tracer_e2e::http_get(addr, "/hello.txt").expect("GET").0,
+        200
+    );
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(agent_pid as libc::pid_t, libc::SIGKILL) };
+    drop(agent);
+    // The kernel frees programs whose last reference (the agent's fds) is gone; nothing was
+    // pinned, so none of them may remain.
+    let freed = wait_until(Duration::from_secs(10), || {
+        !loaded.iter().any(|id| program_exists(*id))
+    });
+    assert!(freed, "programs {loaded:?} outlived the killed agent");
+    let pinned = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("tracer"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(pinned.is_empty(), "pinned objects left: {pinned:?}");
+    for _ in 0..3 {
+        assert_eq!(
+            tracer_e2e::http_get(addr, "/hello.txt")
+                .expect("GET after the kill")
+                .0,
+            200,
+            "the traced server keeps serving"
+        );
+    }
+}

@@ -33,6 +33,7 @@ const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "nginx-light",
     "nodejs",
+    "bpftool",
     // systemd-analyze, which checks deploy/tracer-agent.service (systemd need not run).
     "systemd",
 ];
