@@ -68,11 +68,11 @@ fn data(conn_id: u64, dir: u32, pos: u64, payload: &[u8], ts_ns: u64) -> Vec<u8>
     encode_record(&event, payload)
 }
 
-/// The records of `exchanges` keep-alive exchanges on one server connection.
-fn connection(conn_id: u64, exchanges: usize, start_ns: u64) -> Vec<Vec<u8>> {
+/// The OPEN record of a server connection accepted on loopback port `port`.
+fn accepted(conn_id: u64, port: u16, start_ns: u64, comm: [u8; 16]) -> Vec<u8> {
     let mut tuple = Tuple {
         family: 2,
-        sport: 8080,
+        sport: port,
         dport: 40_000 + (conn_id % 20_000) as u16,
         ..Default::default()
     };
@@ -85,9 +85,19 @@ fn connection(conn_id: u64, exchanges: usize, start_ns: u64) -> Vec<Vec<u8>> {
         tuple,
         syscall: syscall::ACCEPT,
         _pad: 0,
-        comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+        comm,
     };
-    let mut records = vec![encode_record(&open, &[])];
+    encode_record(&open, &[])
+}
+
+/// The records of `exchanges` keep-alive exchanges on one server connection.
+fn connection(conn_id: u64, exchanges: usize, start_ns: u64) -> Vec<Vec<u8>> {
+    let mut records = vec![accepted(
+        conn_id,
+        8080,
+        start_ns,
+        *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+    )];
     let mut ts = start_ns;
     for i in 0..exchanges as u64 {
         ts += 10_000;
@@ -164,24 +174,12 @@ const GRPC_CAPTURE: &str = include_str!("../src/http2/testdata/grpc_many_calls.t
 /// The records of the capture seen from the server: one connection `conn_id` starting at
 /// `start_ns`, 10 us between syscalls. Returns the records and the calls they hold.
 fn grpc_connection(conn_id: u64, start_ns: u64) -> (Vec<Vec<u8>>, usize) {
-    let mut tuple = Tuple {
-        family: 2,
-        sport: 50051,
-        dport: 40_000 + (conn_id % 20_000) as u16,
-        ..Default::default()
-    };
-    tuple.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-    tuple.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-    let open = ConnEvent {
-        header: header(kind::OPEN, conn_id, start_ns),
-        role: role::SERVER,
-        flags: conn_flags::TUPLE_KNOWN,
-        tuple,
-        syscall: syscall::ACCEPT,
-        _pad: 0,
-        comm: *b"python3\0\0\0\0\0\0\0\0\0",
-    };
-    let mut records = vec![encode_record(&open, &[])];
+    let mut records = vec![accepted(
+        conn_id,
+        50051,
+        start_ns,
+        *b"python3\0\0\0\0\0\0\0\0\0",
+    )];
     let (mut ts, mut pos) = (start_ns, [0u64; 2]);
     let mut calls = 0;
     for line in GRPC_CAPTURE.lines() {

@@ -207,6 +207,28 @@ impl Agent {
         Self::launch(args, env, false)
     }
 
+    /// [`Agent::start_exporting`] over OTLP to `receiver` (its protocol), tracing `pids`.
+    pub fn start_otlp(
+        receiver: &crate::otlp_receiver::Receiver,
+        pids: &[u32],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let endpoint = receiver.endpoint();
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let mut args = vec![
+            "--exporter",
+            "otlp",
+            "--otlp-protocol",
+            receiver.protocol.flag(),
+            "--otlp-endpoint",
+            endpoint.as_str(),
+        ];
+        for pid in &pids {
+            args.extend(["--pid", pid.as_str()]);
+        }
+        Self::start_exporting(&args, env)
+    }
+
     fn launch(args: &[&str], env: &[(&str, &str)], dump: bool) -> Self {
         let bin = agent_bin();
         let defaults: &[(&str, &str)] = if dump { &[] } else { EXPORT_ENV };

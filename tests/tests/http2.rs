@@ -94,23 +94,6 @@ impl Grpc {
     }
 }
 
-fn agent(receiver: &Receiver, pids: &[u32], env: &[(&str, &str)]) -> Agent {
-    let endpoint = receiver.endpoint();
-    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
-    let mut args = vec![
-        "--exporter",
-        "otlp",
-        "--otlp-protocol",
-        receiver.protocol.flag(),
-        "--otlp-endpoint",
-        endpoint.as_str(),
-    ];
-    for pid in &pids {
-        args.extend(["--pid", pid.as_str()]);
-    }
-    Agent::start_exporting(&args, env)
-}
-
 fn rpc_spans<'a>(spans: &'a [ReceivedSpan], kind: i32, method: &str) -> Vec<&'a ReceivedSpan> {
     spans
         .iter()
@@ -130,7 +113,7 @@ fn dump(spans: &[ReceivedSpan]) -> String {
 fn grpc_calls_become_rpc_spans_with_status_and_context() {
     let receiver = Receiver::start(Protocol::Grpc);
     let mut grpc = Grpc::start();
-    let mut agent = agent(&receiver, &[grpc.server.pid(), grpc.client.pid()], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[grpc.server.pid(), grpc.client.pid()], &[]);
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     assert_eq!(grpc.call("say world"), "hello world");
     assert_eq!(grpc.call("say missing"), "NOT_FOUND");
@@ -251,7 +234,7 @@ fn grpc_calls_become_rpc_spans_with_status_and_context() {
 fn stable_rpc_conventions_on_request() {
     let receiver = Receiver::start(Protocol::HttpProtobuf);
     let mut grpc = Grpc::start();
-    let mut agent = agent(
+    let mut agent = Agent::start_otlp(
         &receiver,
         &[grpc.server.pid()],
         &[("OTEL_SEMCONV_STABILITY_OPT_IN", "rpc")],
@@ -294,7 +277,7 @@ fn an_agent_started_on_an_open_channel_degrades_without_wrong_values() {
     for _ in 0..3 {
         assert_eq!(grpc.call("say before"), "hello before");
     }
-    let mut agent = agent(&receiver, &[grpc.server.pid(), grpc.client.pid()], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[grpc.server.pid(), grpc.client.pid()], &[]);
     for _ in 0..5 {
         assert_eq!(grpc.call("say after"), "hello after");
     }
@@ -341,7 +324,7 @@ fn curl_with_prior_knowledge_against_an_h2c_server_gives_http2_spans() {
     let mut server = Peer::spawn("h2c server (node)", cmd);
     let port: u16 = server.expect_num("port");
     wait_for_listen(port);
-    let mut agent = agent(&receiver, &[server.pid()], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[server.pid()], &[]);
     for path in ["/a?token=secret", "/missing"] {
         let out = Command::new("curl")
             .args(["-s", "--http2-prior-knowledge"])

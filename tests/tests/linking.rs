@@ -234,24 +234,6 @@ fn children(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// An agent tracing the topology, exporting to `receiver`.
-fn agent(topology: &Topology, receiver: &Receiver) -> Agent {
-    let endpoint = receiver.endpoint();
-    let pids: Vec<String> = topology.pids().iter().map(u32::to_string).collect();
-    let mut args = vec![
-        "--exporter",
-        "otlp",
-        "--otlp-protocol",
-        receiver.protocol.flag(),
-        "--otlp-endpoint",
-        endpoint.as_str(),
-    ];
-    for pid in &pids {
-        args.extend(["--pid", pid.as_str()]);
-    }
-    Agent::start_exporting(&args, &[])
-}
-
 /// Where a span sits in the true call graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Role {
@@ -463,7 +445,7 @@ fn run(
         env.push(("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()));
     }
     let mut topology = Topology::start(&env, sdk);
-    let mut agent = agent(&topology, &receiver);
+    let mut agent = Agent::start_otlp(&receiver, &topology.pids(), &[]);
     topology.drive(0..count, parallel, context);
     let expected = 6 * count as usize;
     receiver.wait_spans(

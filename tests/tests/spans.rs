@@ -132,24 +132,6 @@ fn curl_get(url: &str) {
     curl.finish();
 }
 
-/// An agent exporting over OTLP to `receiver`, tracing `pids`.
-fn otlp_agent(receiver: &Receiver, pids: &[u32], env: &[(&str, &str)]) -> Agent {
-    let endpoint = receiver.endpoint();
-    let mut args = vec![
-        "--exporter",
-        "otlp",
-        "--otlp-protocol",
-        receiver.protocol.flag(),
-        "--otlp-endpoint",
-        endpoint.as_str(),
-    ];
-    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
-    for pid in &pids {
-        args.extend(["--pid", pid.as_str()]);
-    }
-    Agent::start_exporting(&args, env)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Assertions.
 
@@ -313,7 +295,7 @@ fn curl_and_http_server_give_a_client_and_a_server_span() {
     ]));
     let receiver = Receiver::start(Protocol::Grpc);
     let (spid, cpid) = (server.pid(), curl.pid());
-    let mut agent = otlp_agent(&receiver, &[spid, cpid], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[spid, cpid], &[]);
 
     curl.send("go");
     let (code, client_port) = curl_result(&mut curl);
@@ -442,7 +424,7 @@ fn traceparent_from_the_caller_links_client_and_server_spans() {
     ]));
     let receiver = Receiver::start(Protocol::HttpProtobuf);
     let (spid, cpid) = (server.pid(), curl.pid());
-    let mut agent = otlp_agent(&receiver, &[spid, cpid], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[spid, cpid], &[]);
 
     curl.send("go");
     assert_eq!(
@@ -533,7 +515,7 @@ fn keepalive_connection_gives_one_span_per_request_with_its_status() {
     let mut curl = curl(&args);
     let receiver = Receiver::start(Protocol::Grpc);
     let (spid, cpid) = (server.pid(), curl.pid());
-    let mut agent = otlp_agent(&receiver, &[spid, cpid], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[spid, cpid], &[]);
 
     curl.send("go");
     let results: Vec<(u16, u16)> = paths.iter().map(|_| curl_result(&mut curl)).collect();
@@ -727,7 +709,7 @@ c.close()
     let mut client = Peer::python("pipelining client", PIPELINER, &[&port.to_string()]);
     let receiver = Receiver::start(Protocol::HttpProtobuf);
     let (spid, cpid) = (server.pid(), client.pid());
-    let mut agent = otlp_agent(&receiver, &[spid, cpid], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[spid, cpid], &[]);
 
     client.send("go");
     assert_eq!(
@@ -796,7 +778,7 @@ fn export_one_request(protocol: Protocol, path: &str) -> (Receiver, u32, Vec<Rec
     let (server, port, _www) = http_server();
     let receiver = Receiver::start(protocol);
     let spid = server.pid();
-    let mut agent = otlp_agent(&receiver, &[spid], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[spid], &[]);
     let url = format!("http://127.0.0.1:{port}{path}");
     curl_get(&url);
     receiver.wait_spans("the SERVER span", SPAN_WAIT, |s| {
@@ -1228,7 +1210,7 @@ fn invalid_traceparent_starts_a_new_trace_and_is_counted() {
     let (server, port, _www) = http_server();
     let receiver = Receiver::start(Protocol::Grpc);
     let spid = server.pid();
-    let mut agent = otlp_agent(&receiver, &[spid], &[]);
+    let mut agent = Agent::start_otlp(&receiver, &[spid], &[]);
     let series = |reason: &str| {
         format!(r#"tracer_parse_errors_total{{parser="tracecontext",reason="{reason}"}}"#)
     };
@@ -1348,7 +1330,7 @@ say("done")
     let (http, http_port, _www) = http_server();
     let receiver = Receiver::start(Protocol::HttpProtobuf);
     let pids = [redis.pid(), client.pid(), http.pid()];
-    let mut agent = otlp_agent(&receiver, &pids, &[]);
+    let mut agent = Agent::start_otlp(&receiver, &pids, &[]);
 
     client.send("go");
     client.expect("done");
