@@ -1,6 +1,7 @@
 //! Developer tasks. `cargo xtask run -- ARGS` and `cargo xtask test` are the two README
 //! commands; both install what is missing first (see `setup`).
 mod bench;
+mod fuzz;
 mod manifests;
 mod setup;
 
@@ -47,6 +48,9 @@ enum Task {
     /// Measure the agent's overhead (untraced and traced processes, against no agent and the
     /// probe floor) and print a Markdown table. Needs root; takes a few minutes.
     Bench(bench::BenchArgs),
+    /// Run the cargo-fuzz targets in fuzz/ (HTTP/1, trace context...) one after another for a
+    /// set time or number of executions each, and print executions and result per target.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { no_lint, args } => test(&root, no_lint, &args),
         Task::Bench(args) => bench::main(&root, args),
+        Task::Fuzz(args) => fuzz::main(&root, args),
     }
 }
 
