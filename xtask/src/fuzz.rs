@@ -61,8 +61,8 @@ struct Outcome {
     executions: Option<u64>,
     seconds: f64,
     coverage: Option<u64>,
-    corpus_files: usize,
-    corpus_bytes: u64,
+    /// libFuzzer's corpus at the end: inputs kept (each adds coverage) and their size.
+    corpus: Option<String>,
     /// None: no crash. Some: libFuzzer's artifact (the crashing input), if it wrote one.
     failure: Option<Failure>,
 }
@@ -155,15 +155,13 @@ pub fn main(root: &Path, args: FuzzArgs) -> anyhow::Result<()> {
             .context("running cargo fuzz")?;
         let wall = started.elapsed().as_secs_f64();
         let text = fs::read_to_string(&log).unwrap_or_default();
-        let (corpus_files, corpus_bytes) = dir_size(&corpus);
         let outcome = Outcome {
             target: target.clone(),
             executions: final_stat(&text, "stat::number_of_executed_units:"),
             // libFuzzer's own count leaves out the build check and corpus loading.
             seconds: done_seconds(&text).unwrap_or(wall),
-            coverage: last_done_field(&text, "cov:"),
-            corpus_files,
-            corpus_bytes,
+            coverage: status_field(&text, "cov:").and_then(|cov| cov.parse().ok()),
+            corpus: status_field(&text, "corp:").map(str::to_owned),
             failure: (!status.success()).then(|| Failure {
                 artifact: artifact(&text),
                 log: log.clone(),
@@ -259,16 +257,16 @@ fn done_seconds(log: &str) -> Option<f64> {
     })
 }
 
-/// A field of libFuzzer's last status line (`#N DONE cov: 1234 ft: ...`, or the last `pulse`
-/// or `NEW` line if it stopped early).
-fn last_done_field(log: &str, field: &str) -> Option<u64> {
+/// A field of libFuzzer's last status line (`#N DONE cov: 1234 ft: ... corp: 1816/1324Kb`, or
+/// the last `pulse` or `NEW` line if it stopped early).
+fn status_field<'a>(log: &'a str, field: &str) -> Option<&'a str> {
     let line = log
         .lines()
         .rev()
         .find(|line| line.starts_with('#') && line.contains(field))?;
     let mut words = line.split_whitespace();
     words.find(|&word| word == field)?;
-    words.next()?.parse().ok()
+    words.next()
 }
 
 /// Where libFuzzer wrote the input that failed.
@@ -277,19 +275,6 @@ fn artifact(log: &str) -> Option<String> {
         line.split_once("Test unit written to ")
             .map(|(_, path)| path.trim().to_owned())
     })
-}
-
-fn dir_size(dir: &Path) -> (usize, u64) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return (0, 0);
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.metadata().ok())
-        .filter(|meta| meta.is_file())
-        .fold((0, 0), |(files, bytes), meta| {
-            (files + 1, bytes + meta.len())
-        })
 }
 
 fn result_text(outcome: &Outcome) -> String {
@@ -305,8 +290,8 @@ fn result_text(outcome: &Outcome) -> String {
 
 fn table(outcomes: &[Outcome]) -> String {
     let mut out = String::from(
-        "| target | executions | seconds | executions/s | coverage | corpus | result |\n\
-         |---|---:|---:|---:|---:|---:|---|\n",
+        "| target | executions | seconds | executions/s | coverage | corpus (inputs/size) | \
+         result |\n|---|---:|---:|---:|---:|---:|---|\n",
     );
     for o in outcomes {
         let executions = o.executions.map_or("?".to_owned(), |n| n.to_string());
@@ -316,11 +301,10 @@ fn table(outcomes: &[Outcome]) -> String {
         let coverage = o.coverage.map_or("?".to_owned(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "| {} | {executions} | {:.0} | {rate} | {coverage} | {} files, {} KiB | {} |",
+            "| {} | {executions} | {:.0} | {rate} | {coverage} | {} | {} |",
             o.target,
             o.seconds,
-            o.corpus_files,
-            o.corpus_bytes.div_ceil(1024),
+            o.corpus.as_deref().unwrap_or("?"),
             result_text(o)
         );
     }
