@@ -1125,8 +1125,9 @@ mod tests {
                 let mut closed = None;
                 match op {
                     GarbageOp::Push(r) => {
-                        let len = r.len.max(r.data.len() as u64);
-                        if len > 0 {
+                        // As `normalize` does: bytes past u64::MAX are dropped.
+                        let data_len = (r.data.len() as u64).min(u64::MAX - r.pos);
+                        if r.len.max(data_len) > 0 {
                             ends.entry((r.conn_id, r.direction)).or_insert(r.pos);
                         }
                         streams.push(r, &mut out);
