@@ -167,6 +167,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let targets = probes.targets.clone();
         tls.scan(&mut probes, &targets);
     }
+    // Last, once every exit probe is attached and the selection is in the traced set.
+    let blocked = probes.targets.clone();
+    metrics
+        .syscalls_adopted
+        .inc_by(probes.adopt_blocked(&blocked) as u64);
     metrics.probes_attached.set(probes.attached as u64);
     metrics.set_ready(true, "all probes attached");
 

@@ -276,6 +276,9 @@ pub struct Metrics {
     pub processes_traced: CountGauge,
     /// `tracer_probes_attached`.
     pub probes_attached: CountGauge,
+    /// `tracer_syscalls_adopted_total`: socket syscalls a thread was already blocked in when
+    /// the probes were attached, whose data is captured nonetheless.
+    pub syscalls_adopted: Counter,
     /// `tracer_stream_pending_bytes`: bytes held in reassembly buffers.
     pub stream_pending_bytes: CountGauge,
     /// `tracer_spans_created_total`: spans the pipeline built (before sampling).
@@ -445,6 +448,13 @@ impl Metrics {
             "eBPF programs currently attached",
             probes_attached.clone(),
         );
+        let syscalls_adopted = Counter::default();
+        registry.register(
+            "syscalls_adopted",
+            "Socket syscalls already in progress when the probes were attached (a blocked read or \
+             accept), adopted so that their data is captured",
+            syscalls_adopted.clone(),
+        );
         let stream_pending_bytes = CountGauge::default();
         registry.register(
             "stream_pending_bytes",
@@ -514,6 +524,7 @@ impl Metrics {
             connections_tracked,
             processes_traced,
             probes_attached,
+            syscalls_adopted,
             stream_pending_bytes,
             kernel_lost_events,
             kernel_lost_bytes,

@@ -757,6 +757,57 @@ say("port", server.server_address[1])
 server.serve_forever()
 "#;
 
+/// A client with one keep-alive connection: a GET (`n=1`), then, when told, another (`n=2`).
+const TWO_REQUEST_CLIENT: &str = r#"
+import http.client
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+for n in (1, 2):
+    if n == 2:
+        wait()
+    conn.request("GET", f"/ok?n={n}")
+    r = conn.getresponse()
+    r.read()
+    say("status", r.status)
+"#;
+
+/// The server thread of an idle keep-alive connection sits in read() when the agent starts, so
+/// the probes never see that read's entry; the agent adopts it from /proc and the next request
+/// on the connection is traced like any other.
+#[test]
+fn a_read_already_blocked_when_the_agent_starts_is_captured() {
+    let mut server = Peer::python("keep-alive server", KEEPALIVE_SERVER, &[]);
+    let port: u16 = server.expect_num("port");
+    wait_for_listen(port);
+    let mut client = Peer::python("client", TWO_REQUEST_CLIENT, &[&port.to_string()]);
+    assert_eq!(client.expect("status"), "200");
+    // Let the handler thread go back to waiting for the next request.
+    thread::sleep(Duration::from_millis(300));
+    let receiver = Receiver::start(Protocol::Grpc);
+    let mut agent = Agent::start_otlp(&receiver, &[server.pid()], &[]);
+    client.send("next");
+    assert_eq!(client.expect("status"), "200");
+    client.finish();
+    receiver.wait_spans("the request after the agent started", SPAN_WAIT, |spans| {
+        spans.iter().any(|s| s.str("url.query") == Some("n=2"))
+    });
+    let adopted = agent.metric("tracer_syscalls_adopted_total");
+    agent.stop_ok();
+    let spans = receiver.spans();
+    let second: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.str("url.query") == Some("n=2"))
+        .collect();
+    assert_eq!(second.len(), 1, "{}", summaries(&spans));
+    assert_eq!(second[0].str("url.path"), Some("/ok"));
+    assert_eq!(second[0].int("http.response.status_code"), Some(200));
+    assert!(
+        spans.iter().all(|s| s.str("url.query") != Some("n=1")),
+        "a request made before the agent started has a span\n{}",
+        summaries(&spans)
+    );
+    assert!(adopted >= 1.0, "tracer_syscalls_adopted_total = {adopted}");
+}
+
 /// An untraced client looping until told to stop: every 50 ms one GET on its one keep-alive
 /// connection (`c=ka`) and one on a new connection (`c=new`). Then says `req <query> <start
 /// unix ns> <end unix ns>` for each request that got a 200, and `done <ok> <failed> <first

@@ -2,6 +2,7 @@
 //! requested processes, and turns ring buffer records into typed events. Owns the kernel side
 //! of the agent; nothing else touches aya.
 pub mod assemble;
+pub mod blocked;
 pub mod decode;
 pub mod privileges;
 
@@ -18,7 +19,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
         trace_point::TracePointLinkId,
@@ -27,7 +28,7 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tokio::io::unix::AsyncFd;
-use tracer_common::{TRACED_PID_LIMIT, TracedSet, counter, traced};
+use tracer_common::{Inflight, TRACED_PID_LIMIT, TracedSet, counter, traced};
 
 /// The probes, built by build.rs from ebpf-probes/kernel.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-probes"));
@@ -117,6 +118,8 @@ pub struct Probes {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub events: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
+    /// Syscall entries by thread, for threads already blocked in one at attach (`blocked`).
+    inflight: BpfHashMap<MapData, u64, Inflight>,
     /// The kernel's traced set, mapped into the agent.
     pub traced: TracedPids,
     trace_all: bool,
@@ -261,6 +264,7 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
     }
     let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
+    let inflight: BpfHashMap<MapData, u64, Inflight> = take_map(&mut ebpf, "INFLIGHT")?;
 
     // Exits before syscall entries would leave stale in-flight entries; attach exit programs,
     // sock and sched first, syscall entries last, so each entry finds its exit ready.
@@ -325,6 +329,7 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         logger,
         events: register(events).map_err(CaptureError::Poll)?,
         counters,
+        inflight,
         attached,
     })
 }
@@ -510,6 +515,29 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 }
 
 impl Probes {
+    /// Adopts the socket syscalls that threads of `pids` are blocked in now, so that what they
+    /// return is captured (see `blocked`). Call after attaching, once the pids are traced.
+    pub fn adopt_blocked(&mut self, pids: &[u32]) -> usize {
+        // BPF_NOEXIST: an entry the probe wrote since is newer than what /proc showed.
+        const NO_EXIST: u64 = 1;
+        let now = crate::clock::Clock::monotonic_now();
+        let mut adopted = 0;
+        for &pid in pids {
+            for (key, inflight) in blocked::scan(pid, now) {
+                match self.inflight.insert(key, inflight, NO_EXIST) {
+                    Ok(()) => adopted += 1,
+                    Err(err) => debug!("pid {pid}: syscall in progress not adopted: {err}"),
+                }
+            }
+        }
+        if adopted > 0 {
+            info!(
+                "{adopted} socket syscall(s) already in progress adopted (blocked reads, accepts)"
+            );
+        }
+        adopted
+    }
+
     /// Current kernel counters summed over CPUs.
     pub fn counters(&self) -> KernelCounters {
         let mut totals = KernelCounters::default();

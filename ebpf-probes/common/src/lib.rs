@@ -323,6 +323,29 @@ pub struct ConnKey {
     pub fd: i32,
 }
 
+/// The arguments of a socket syscall in progress, by thread (`INFLIGHT`, keyed by pid_tgid), from
+/// its entry to its exit. The probes write it at `sys_enter_*`; the agent writes it for threads
+/// that were already blocked in such a syscall when the probes were attached (their entry was
+/// never seen), so that the data they return is captured too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inflight {
+    pub enter_ns: u64,
+    /// buf, iovec array, msghdr or mmsghdr array, by syscall.
+    pub buf: u64,
+    /// Byte count, iovec count or message count, by syscall.
+    pub count: u64,
+    /// Socket seen by sock_{send,recv}_length or inet_sock_set_state during the syscall.
+    pub sk: u64,
+    pub fd: i32,
+    /// A [`syscall`] value.
+    pub syscall: u32,
+    pub sk_family: u16,
+    pub sk_protocol: u16,
+    /// Receive flags seen by sock_recv_length (MSG_PEEK reads are not consumed data).
+    pub recv_flags: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is repr(C), Copy, made only of integers and arrays of integers, and has
@@ -336,6 +359,7 @@ mod pod {
     unsafe impl aya::Pod for super::TracedSet {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ListenEvent {}
+    unsafe impl aya::Pod for super::Inflight {}
 }
 
 // No padding anywhere: the size is the sum of the fields.
@@ -347,4 +371,5 @@ const _: () = assert!(core::mem::size_of::<CloseEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + 16 + 16 + EXEC_FILENAME_LEN);
 const _: () = assert!(core::mem::size_of::<ListenEvent>() == 32 + 8 + 16);
+const _: () = assert!(core::mem::size_of::<Inflight>() == 8 * 4 + 4 * 2 + 2 * 2 + 4);
 const _: () = assert!(CHUNK_SIZE.is_power_of_two());

@@ -40,7 +40,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     CHUNK_SIZE, CloseEvent, ConnEvent, ConnKey, DataEvent, EXEC_FILENAME_LEN, EventHeader,
-    ExecEvent, ListenEvent, MAX_CAPTURE_LIMIT, MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG,
+    ExecEvent, Inflight, ListenEvent, MAX_CAPTURE_LIMIT, MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG,
     TRACED_PID_LIMIT, TracedSet, Tuple, conn_flags, counter, data_flags, direction, kind, role,
     syscall, traced,
 };
@@ -120,24 +120,6 @@ struct Scratch {
     copy: CopyState,
     event: DataEvent,
     data: [u8; CHUNK_SIZE * 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Inflight {
-    enter_ns: u64,
-    /// buf, iovec array, msghdr or mmsghdr array, by syscall.
-    buf: u64,
-    /// Byte count, iovec count or message count, by syscall.
-    count: u64,
-    /// Socket seen by sock_{send,recv}_length or inet_sock_set_state during the syscall.
-    sk: u64,
-    fd: i32,
-    syscall: u32,
-    sk_family: u16,
-    sk_protocol: u16,
-    /// Receive flags seen by sock_recv_length (MSG_PEEK reads are not consumed data).
-    recv_flags: u32,
 }
 
 #[repr(C)]

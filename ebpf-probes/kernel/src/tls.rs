@@ -12,9 +12,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{ConnKey, counter, direction, syscall};
+use tracer_common::{ConnKey, Inflight, counter, direction, syscall};
 
-use crate::{CONNS, ConnState, Inflight, Source, count, emit_data, is_traced, read_user};
+use crate::{CONNS, ConnState, Source, count, emit_data, is_traced, read_user};
 
 /// SSL_* calls in flight, by pid_tgid. Not LRU, like `INFLIGHT`: a failed insert is counted.
 #[map]
