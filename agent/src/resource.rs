@@ -326,8 +326,15 @@ impl ResourceBuilder {
         agent_service_name: Option<String>,
         agent_attributes: Vec<(String, String)>,
     ) -> Self {
+        // The agent's own OTEL_RESOURCE_ATTRIBUTES may name the host: in a pod, gethostname
+        // gives the agent's pod name, so the DaemonSet passes the node's name this way.
+        let host_name = agent_attributes
+            .iter()
+            .rev()
+            .find(|(k, v)| k == "host.name" && !v.is_empty())
+            .map_or_else(host_name, |(_, v)| v.clone());
         Self {
-            host_name: host_name(),
+            host_name,
             agent_service_name,
             agent_attributes,
             kubelet_logs: None,
@@ -520,6 +527,19 @@ mod tests {
         let plain =
             ResourceBuilder::new(None, vec![]).build(&info("python3.11", &["python3", "app.py"]));
         assert_eq!(attr(&plain, "service.name").as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn host_name_is_the_agents_unless_its_attributes_name_the_node() {
+        let p = info("nginx", &["nginx"]);
+        let own = ResourceBuilder::new(None, vec![]).build(&p);
+        assert_eq!(attr(&own, "host.name"), Some(host_name()));
+        // As the DaemonSet sets it: the node's name, not the agent pod's.
+        let node = ResourceBuilder::new(None, vec![("host.name".into(), "node-7".into())]);
+        let r = node.build(&p);
+        assert_eq!(attr(&r, "host.name").as_deref(), Some("node-7"));
+        let instance = attr(&r, "service.instance.id").unwrap();
+        assert!(instance.starts_with("node-7-42-"), "{instance}");
     }
 
     #[test]
