@@ -248,6 +248,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     publish(&metrics, &probes, &pipeline, &kernel, cli.all, refresh);
                     publish_tls(&metrics, &tls, &kernel);
+                    for (event, total) in selector.stats.totals() {
+                        metrics.observe_total(&metrics.selection(event), total);
+                    }
                     if !status_every.is_zero() && last_status.elapsed() >= status_every {
                         last_status = tokio::time::Instant::now();
                         print_status(&pipeline, &kernel);

@@ -296,6 +296,7 @@ pub struct Metrics {
     span_drop_logged: [AtomicBool; SpanDrop::ALL.len()],
     spans_kept: Family<[(&'static str, &'static str); 1], Counter>,
     tls: Family<[(&'static str, &'static str); 1], Counter>,
+    selection: Family<[(&'static str, &'static str); 1], Counter>,
     kernel_lost_events: Family<KernelLoss, Counter>,
     kernel_lost_bytes: Family<KernelLoss, Counter>,
     userspace_lost_events: Family<UserspaceEventLoss, Counter>,
@@ -316,6 +317,17 @@ pub const TLS_EVENTS: [&str; 7] = [
     "plaintext_lost_no_socket",
     "calls_lost_map_full",
     "ciphertext_bytes",
+];
+
+/// `event` values of `tracer_selection_total`, as `select::SelectorStats` names them.
+pub const SELECTION_EVENTS: [&str; 7] = [
+    "execs",
+    "listens",
+    "selected",
+    "refused",
+    "records_dropped",
+    "decided_late",
+    "decode_errors",
 ];
 
 /// `{parser, reason}` of `tracer_parse_errors_total`; both come from fixed sets of names.
@@ -509,6 +521,14 @@ impl Metrics {
              missed (call map full), ciphertext bytes kept out of the pipeline",
             tls.clone(),
         );
+        let selection = precreated(SELECTION_EVENTS.map(|event| [("event", event)]));
+        registry.register(
+            "selection",
+            "Process selection (--exe, --port, exclusions): execs and listens seen, processes \
+             selected and refused, records of refused processes dropped, processes decided late \
+             (their exec record was lost), undecodable selection records",
+            selection.clone(),
+        );
         let export_queue_length = CountGauge::default();
         registry.register(
             "export_queue_length",
@@ -539,6 +559,7 @@ impl Metrics {
             span_drop_logged: Default::default(),
             spans_kept,
             tls,
+            selection,
             parse_errors,
             span_links,
             link_limits,
@@ -606,6 +627,11 @@ impl Metrics {
     /// `tracer_tls_total{event}`, one of [`TLS_EVENTS`].
     pub fn tls(&self, event: &'static str) -> Counter {
         self.tls.get_or_create_owned(&[("event", event)])
+    }
+
+    /// `tracer_selection_total{event}`.
+    pub fn selection(&self, event: &'static str) -> Counter {
+        self.selection.get_or_create_owned(&[("event", event)])
     }
 
     /// `tracer_spans_kept_total{reason}` (`error`, `slow`): spans exported although sampled out.

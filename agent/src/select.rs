@@ -499,6 +499,21 @@ pub struct SelectorStats {
     pub decode_errors: u64,
 }
 
+impl SelectorStats {
+    /// Each figure with its `tracer_selection_total` event name (`metrics::SELECTION_EVENTS`).
+    pub fn totals(&self) -> [(&'static str, u64); 7] {
+        [
+            ("execs", self.execs),
+            ("listens", self.listens),
+            ("selected", self.selected),
+            ("refused", self.refused),
+            ("records_dropped", self.records_dropped),
+            ("decided_late", self.decided_late),
+            ("decode_errors", self.decode_errors),
+        ]
+    }
+}
+
 pub struct Selector {
     /// Shared so a verdict can borrow a pattern while the selector changes its own state.
     selection: Arc<Selection>,

@@ -15,6 +15,7 @@ use std::{
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
+    thread,
     time::Duration,
 };
 
@@ -290,6 +291,13 @@ fn exe_filter_traces_one_server_and_excludes_another() {
             .contains(&format!("tracing pid {} ", beta_server.pid()))
             .then(|| "the agent says it traces beta".to_owned()),
     );
+    // The same decisions on /metrics: alpha selected, beta refused (both were traced
+    // provisionally from their exec); published every 100 ms.
+    thread::sleep(Duration::from_millis(300));
+    let selected = agent.metric_or_zero("tracer_selection_total{event=\"selected\"}");
+    let refused = agent.metric_or_zero("tracer_selection_total{event=\"refused\"}");
+    checks.add((selected < 1.0).then(|| format!("selected on /metrics: {selected}")));
+    checks.add((refused < 1.0).then(|| format!("refused on /metrics: {refused}")));
     checks.finish(&summaries(&spans));
     agent.stop_ok();
 }
