@@ -44,6 +44,10 @@ use clap::{Args, Subcommand};
 
 use crate::setup;
 
+mod grpc;
+mod plot;
+mod rates;
+
 /// Loading the probes takes a few seconds; a concurrent build can make it much slower.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// After /readyz the agent may still be scanning /proc; let that finish before measuring.
@@ -94,8 +98,23 @@ pub struct BenchArgs {
     /// minute and a half.
     #[arg(long)]
     quick: bool,
+    /// Run only these parts (comma-separated; default: all of them).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
     #[command(subcommand)]
     worker: Option<Worker>,
+}
+
+/// Parts `--only` picks.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// A to D: untraced process against the probe floor, echo server, nginx under wrk,
+    /// userspace pipeline.
+    Abcd,
+    /// E: a saturated gRPC unary server (grpcio).
+    Grpc,
+    /// F: nginx across request rates; writes docs/overhead.svg and docs/overhead.csv.
+    Rates,
 }
 
 /// Workloads, run as child processes of the bench so that they are separate, untraced (or
@@ -121,6 +140,12 @@ enum Worker {
     /// Echo server on 127.0.0.1; prints its port, serves until stdin closes.
     #[command(name = "worker-echo-server", hide = true)]
     EchoServer,
+    /// Part E's load: unary calls on one HTTP/2 connection; prints a `rates::LoadReport`.
+    #[command(name = "worker-grpc-client", hide = true)]
+    GrpcClient(grpc::ClientArgs),
+    /// Part F's load: HTTP/1.1 GETs at a fixed rate; prints a `rates::LoadReport`.
+    #[command(name = "worker-http-load", hide = true)]
+    HttpLoad(rates::LoadArgs),
 }
 
 pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
@@ -132,6 +157,9 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     }
     setup::bench_deps()?;
     crate::build_agent(true)?;
+    if !args.only.is_empty() && !args.only.contains(&Part::Abcd) {
+        return parts_e_f(root, &args);
+    }
     // Built now, from the same sources as the agent (others may edit them during the run);
     // a failure is reported in part D's place rather than stopping the bench.
     let pipeline_exe = build_pipeline_bench();
@@ -215,6 +243,38 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             &load
         )
     );
+    parts_e_f(root, &args)
+}
+
+/// Parts E and F (bench/grpc.rs, bench/rates.rs), as `--only` selects, each with its own
+/// rounds and its own servers, after A to D.
+fn parts_e_f(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let wanted = |part| args.only.is_empty() || args.only.contains(&part);
+    let bench = Bench {
+        agent_bin: root.join("target/release/tracer-agent"),
+        exe: std::env::current_exe().context("locating the xtask binary")?,
+        counts: Counts::new(args.quick),
+        quiet_budget: Cell::new(QUIET_BUDGET),
+    };
+    if !wanted(Part::Abcd) {
+        // A to D printed the run's header; without them, say what ran where.
+        println!("## tracer-agent overhead\n");
+        println!("- Command: `cargo xtask {}`", command_args());
+        println!(
+            "- Machine: {} CPUs, {}",
+            thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model()
+        );
+        println!("- Agent: {}", agent_revision());
+    }
+    if wanted(Part::Grpc) {
+        // grpcio comes from the tests' Python environment.
+        setup::test_deps(root)?;
+        print!("{}", grpc::run(&bench, root, args.rounds, args.quick)?);
+    }
+    if wanted(Part::Rates) {
+        print!("{}", rates::run(&bench, root, args.rounds, args.quick)?);
+    }
     Ok(())
 }
 
@@ -1383,8 +1443,11 @@ master_process on;
 worker_processes {NGINX_WORKERS};
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
+# Part F holds 1,000 connections: near worker_connections, nginx closes idle keep-alive
+# connections to make room, which clients see as failed requests.
+worker_rlimit_nofile 8192;
 events {{
-    worker_connections 1024;
+    worker_connections 4096;
 }}
 http {{
     access_log off;
@@ -1702,6 +1765,8 @@ fn run_worker(worker: Worker) -> anyhow::Result<()> {
                 });
             }
         }
+        Worker::GrpcClient(args) => grpc::client_worker(args)?,
+        Worker::HttpLoad(args) => rates::load_worker(args)?,
     }
     Ok(())
 }
