@@ -426,3 +426,218 @@ fn processes_without_openssl_are_logged_and_counted() {
         started.elapsed()
     ));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// nginx terminating TLS on a free port and proxying to `backend` in plaintext, one worker
+/// (started before it returns, so the agent traces it as the master's child). Returns nginx
+/// and its port.
+fn nginx_tls_proxy(dir: &TempDir, backend: u16) -> (Peer, u16) {
+    let port = free_port();
+    let d = dir.path().display();
+    let conf = format!(
+        "worker_processes 1;\n\
+         daemon off;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n\
+           access_log off;\n\
+           client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n\
+           uwsgi_temp_path {d}/uwsgi;\n\
+           scgi_temp_path {d}/scgi;\n\
+           server {{\n\
+             listen 127.0.0.1:{port} ssl;\n\
+             ssl_certificate {d}/cert.pem;\n\
+             ssl_certificate_key {d}/key.pem;\n\
+             location / {{ proxy_pass http://127.0.0.1:{backend}; }}\n\
+           }}\n\
+         }}\n"
+    );
+    let conf_path = dir.path().join("nginx.conf");
+    fs::write(&conf_path, conf).expect("write nginx.conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir.path());
+    let nginx = Peer::spawn("nginx", cmd);
+    wait_for_listen(port);
+    let has_worker = || {
+        fs::read_to_string(format!("/proc/{0}/task/{0}/children", nginx.pid()))
+            .is_ok_and(|c| !c.trim().is_empty())
+    };
+    assert!(
+        wait_until(STEP_TIMEOUT, has_worker),
+        "nginx started no worker"
+    );
+    (nginx, port)
+}
+
+/// curl -> nginx (TLS) -> python http.server (plaintext), nginx and the backend traced: per
+/// request an https SERVER span on nginx, a plaintext CLIENT span from nginx to the backend
+/// and the backend's SERVER span, in one trace, nginx's CLIENT under its SERVER and the
+/// backend's SERVER under nginx's CLIENT.
+#[test]
+fn nginx_terminating_tls_in_front_of_a_plaintext_backend() {
+    if skip_without_libssl() {
+        return;
+    }
+    let (backend, backend_port, _www) = tracer_e2e::http_server("hello.txt", BODY);
+    let dir = TempDir::new("tls-nginx");
+    certificate(dir.path());
+    let (nginx, port) = nginx_tls_proxy(&dir, backend_port);
+    let receiver = Receiver::start(Protocol::Grpc);
+    let (npid, bpid) = (nginx.pid(), backend.pid());
+    let mut agent = exporting_agent(
+        &receiver,
+        &["--pid", &npid.to_string(), "--pid", &bpid.to_string()],
+    );
+    // Two requests on one TLS connection: the second one's bytes may come from OpenSSL's
+    // buffer without a syscall inside SSL_read.
+    let mut curl = curl(&[
+        format!("https://127.0.0.1:{port}/hello.txt"),
+        format!("https://127.0.0.1:{port}/missing"),
+    ]);
+    curl.send("go");
+    curl_ok(&mut curl, 1);
+    let line = curl.expect("result");
+    assert_eq!(line.trim(), "404", "curl got {line}\n{}", curl.output());
+    curl.finish();
+    let nginx_spans = |s: &[ReceivedSpan], kind| {
+        s.iter()
+            .filter(|s| {
+                s.span.kind == kind && s.resource_str("process.executable.name") == Some("nginx")
+            })
+            .count()
+    };
+    receiver.wait_spans(
+        "nginx SERVER and CLIENT spans, backend SERVER spans",
+        SPAN_WAIT,
+        |s| {
+            nginx_spans(s, KIND_SERVER) >= 2
+                && nginx_spans(s, KIND_CLIENT) >= 2
+                && of(s, KIND_SERVER, bpid).len() >= 2
+        },
+    );
+    agent.stop_ok();
+    let spans = receiver.spans();
+    let mut checks = Checks::default();
+    let by = |kind: i32, backend_side: bool| {
+        let mut found: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| {
+                s.span.kind == kind
+                    && if backend_side {
+                        s.pid() == Some(bpid)
+                    } else {
+                        s.resource_str("process.executable.name") == Some("nginx")
+                    }
+            })
+            .collect();
+        found.sort_by_key(|s| s.start_ns());
+        found
+    };
+    let (servers, clients, backends) = (
+        by(KIND_SERVER, false),
+        by(KIND_CLIENT, false),
+        by(KIND_SERVER, true),
+    );
+    check(&mut checks, "nginx SERVER spans", servers.len(), 2);
+    check(&mut checks, "nginx CLIENT spans", clients.len(), 2);
+    check(&mut checks, "backend SERVER spans", backends.len(), 2);
+    check(&mut checks, "span count", spans.len(), 6);
+    for (i, (path, status)) in [("/hello.txt", 200), ("/missing", 404)]
+        .into_iter()
+        .enumerate()
+    {
+        let (Some(s), Some(c), Some(b)) = (servers.get(i), clients.get(i), backends.get(i)) else {
+            break;
+        };
+        check(
+            &mut checks,
+            "nginx SERVER url.scheme",
+            s.str("url.scheme"),
+            Some("https"),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER method",
+            s.str("http.request.method"),
+            Some("GET"),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER url.path",
+            s.str("url.path"),
+            Some(path),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER status",
+            s.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER server.port",
+            s.int("server.port"),
+            Some(i64::from(port)),
+        );
+        let full = format!("http://127.0.0.1:{backend_port}{path}");
+        check(
+            &mut checks,
+            "nginx CLIENT url.full",
+            c.str("url.full"),
+            Some(&full),
+        );
+        check(
+            &mut checks,
+            "nginx CLIENT status",
+            c.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "backend url.scheme",
+            b.str("url.scheme"),
+            Some("http"),
+        );
+        check(
+            &mut checks,
+            "backend url.path",
+            b.str("url.path"),
+            Some(path),
+        );
+        check(
+            &mut checks,
+            "backend status",
+            b.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "nginx CLIENT trace",
+            c.trace_id(),
+            s.trace_id(),
+        );
+        check(&mut checks, "backend trace", b.trace_id(), s.trace_id());
+        check(
+            &mut checks,
+            "nginx CLIENT parent",
+            c.parent_span_id(),
+            s.span_id(),
+        );
+        check(
+            &mut checks,
+            "backend parent",
+            b.parent_span_id(),
+            c.span_id(),
+        );
+    }
+    checks.finish(&format!("every span:\n{}", summaries(&spans)));
+}
