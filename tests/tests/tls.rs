@@ -356,8 +356,8 @@ fn https_server_started_after_the_agent_is_traced() {
 }
 
 /// A traced process with no OpenSSL in it, and one that maps a "libssl" without SSL symbols
-/// (libcrypto under libssl's name, preloaded): each gets a log line and a counter, and the
-/// agent carries on.
+/// (libcrypto under libssl's name, preloaded): each gets a log line and its own counter, and
+/// the agent carries on.
 #[test]
 fn processes_without_openssl_are_logged_and_counted() {
     if skip_without_libssl() {
@@ -395,7 +395,7 @@ fn processes_without_openssl_are_logged_and_counted() {
     ]);
     agent.wait_metric(
         "tracer_tls_total{event=\"processes_without_ssl\"}",
-        2.0,
+        1.0,
         STEP_TIMEOUT,
     );
     agent.wait_metric(
@@ -416,9 +416,31 @@ fn processes_without_openssl_are_logged_and_counted() {
         )))
         .then(|| "no line about the libssl without symbols".to_owned()),
     );
+    // The preloaded one has an SSL library, only without symbols: said about the file, not
+    // counted among processes without SSL.
+    let preloaded_line = format!("pid {} (sleep): no OpenSSL", preloaded.pid());
     checks.add(
-        (agent.metric("tracer_tls_total{event=\"errors\"}") != 0.0)
-            .then(|| "tracer_tls_total errors is not 0".to_owned()),
+        stderr
+            .contains(&preloaded_line)
+            .then(|| format!("a line {preloaded_line:?}")),
+    );
+    check(
+        &mut checks,
+        "processes_without_ssl",
+        agent.metric("tracer_tls_total{event=\"processes_without_ssl\"}"),
+        1.0,
+    );
+    check(
+        &mut checks,
+        "libssl_without_symbols",
+        agent.metric("tracer_tls_total{event=\"libssl_without_symbols\"}"),
+        1.0,
+    );
+    check(
+        &mut checks,
+        "errors",
+        agent.metric("tracer_tls_total{event=\"errors\"}"),
+        0.0,
     );
     agent.stop_ok();
     checks.finish(&format!(
@@ -640,4 +662,127 @@ fn nginx_terminating_tls_in_front_of_a_plaintext_backend() {
         );
     }
     checks.finish(&format!("every span:\n{}", summaries(&spans)));
+}
+
+/// A grpcio server over TLS (the test's certificate), unary `demo.Echo/Say`.
+const GRPC_TLS_SERVER: &str = r#"
+import grpc, sys
+from concurrent import futures
+handlers = grpc.method_handlers_generic_handler("demo.Echo", {
+    "Say": grpc.unary_unary_rpc_method_handler(lambda request, context: b"hello " + request),
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handlers,))
+key = open(sys.argv[1] + "/key.pem", "rb").read()
+cert = open(sys.argv[1] + "/cert.pem", "rb").read()
+port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+server.start()
+print("port", port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A grpcio client over TLS trusting the test's certificate: each line `say WORD` makes one
+/// call and answers `ok REPLY`.
+const GRPC_TLS_CLIENT: &str = r#"
+import grpc, sys
+cert = open(sys.argv[1] + "/cert.pem", "rb").read()
+channel = grpc.secure_channel("127.0.0.1:" + sys.argv[2], grpc.ssl_channel_credentials(cert))
+say = channel.unary_unary("/demo.Echo/Say")
+print("ready", flush=True)
+for line in sys.stdin:
+    print("ok", say(line.split()[1].encode()).decode(), flush=True)
+"#;
+
+/// The cygrpc module of the test venv's grpcio: BoringSSL linked in statically, stripped.
+fn cygrpc_module() -> Option<std::path::PathBuf> {
+    let venv = tracer_e2e::venv_python();
+    let lib = venv.parent()?.parent()?.join("lib");
+    for python in fs::read_dir(lib).ok()?.flatten() {
+        let dir = python.path().join("site-packages/grpc/_cython");
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with("cygrpc") {
+                return Some(entry.path());
+            }
+        }
+    }
+    None
+}
+
+/// grpcio over TLS, client and server traced: their TLS is BoringSSL inside grpcio's cygrpc
+/// module, stripped, so there is nothing to put uprobes on. The agent says so once, naming
+/// the file and a pid, counts it, and keeps the ciphertext out of the parsers: no span at all
+/// (rather than garbage ones), no parse error, the handshake counted as ciphertext.
+#[test]
+fn grpcio_over_tls_with_stripped_boringssl_is_logged_counted_and_kept_out() {
+    let module = cygrpc_module().expect("grpcio is installed in the test venv");
+    let module = fs::canonicalize(&module).expect("canonical cygrpc path");
+    let dir = TempDir::new("tls-grpc");
+    certificate(dir.path());
+    let mut cmd = Command::new(tracer_e2e::venv_python());
+    cmd.args(["-u", "-c", GRPC_TLS_SERVER]).arg(dir.path());
+    let mut server = Peer::spawn("grpc tls server", cmd);
+    let port: u16 = server.expect_num("port");
+    wait_for_listen(port);
+    let mut cmd = Command::new(tracer_e2e::venv_python());
+    cmd.args(["-u", "-c", GRPC_TLS_CLIENT])
+        .arg(dir.path())
+        .arg(port.to_string());
+    let mut client = Peer::spawn("grpc tls client", cmd);
+    client.expect("ready");
+    let receiver = Receiver::start(Protocol::Grpc);
+    let (spid, cpid) = (server.pid(), client.pid());
+    let mut agent = exporting_agent(
+        &receiver,
+        &["--pid", &spid.to_string(), "--pid", &cpid.to_string()],
+    );
+    // The channel connects on the first call: the handshake happens under the agent.
+    for word in ["one", "two", "three"] {
+        client.send(&format!("say {word}"));
+        assert_eq!(client.expect("ok"), format!("hello {word}"));
+    }
+    let files = agent.wait_metric(
+        "tracer_tls_total{event=\"libssl_without_symbols\"}",
+        1.0,
+        STEP_TIMEOUT,
+    );
+    let cipher = agent.wait_metric(
+        "tracer_tls_total{event=\"ciphertext_bytes\"}",
+        2000.0,
+        STEP_TIMEOUT,
+    );
+    let metrics = agent.metrics();
+    agent.stop_ok();
+    let stderr = agent.stderr_text();
+    let spans = receiver.spans();
+    let mut checks = Checks::default();
+    check(&mut checks, "files without symbols", files, 1.0);
+    let shown = module.display().to_string();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(&shown) && l.contains("without SSL_read/SSL_write symbols"))
+        .collect();
+    check(&mut checks, "lines about the cygrpc module", lines.len(), 1);
+    let named_pid = lines.first().is_some_and(|l| {
+        l.contains(&format!("(pid {spid})")) || l.contains(&format!("(pid {cpid})"))
+    });
+    check(&mut checks, "the line names a pid", named_pid, true);
+    checks.add(
+        (cipher < 2000.0).then(|| format!("ciphertext bytes kept out: {cipher} (a handshake)")),
+    );
+    let ours: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.pid() == Some(spid) || s.pid() == Some(cpid))
+        .collect();
+    check(&mut checks, "spans of the grpc peers", ours.len(), 0);
+    let parse_errors: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tracer_parse_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    check(&mut checks, "parse errors", parse_errors, 0.0);
+    checks.finish(&format!(
+        "spans:\n{}\n--- agent stderr ---\n{stderr}",
+        summaries(&spans)
+    ));
 }
