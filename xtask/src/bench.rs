@@ -16,6 +16,8 @@
 //!    `sendfile on` (nginx's usual setting; the body is not copied, only counted).
 //! D. The userspace pipeline alone (`cargo bench -p tracer-agent --bench pipeline`): ns per
 //!    HTTP exchange from ring buffer records to a queued span, and to an exported one.
+//! HTTPS (bench/https.rs): nginx terminating TLS under wrk over https, with and without the
+//!    agent: what the OpenSSL uprobes cost per request.
 //!
 //! The machine is shared and noisy, so configurations are interleaved round by round and the
 //! table gives medians (with the range over rounds where it matters). Every process the bench
@@ -43,6 +45,8 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 use clap::{Args, Subcommand};
 
 use crate::setup;
+
+mod https;
 
 /// Loading the probes takes a few seconds; a concurrent build can make it much slower.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -94,8 +98,21 @@ pub struct BenchArgs {
     /// minute and a half.
     #[arg(long)]
     quick: bool,
+    /// Run only these parts (comma-separated; default: all of them).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
     #[command(subcommand)]
     worker: Option<Worker>,
+}
+
+/// Parts `--only` picks.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// A to D: untraced process against the probe floor, echo server, nginx under wrk,
+    /// userspace pipeline.
+    Abcd,
+    /// nginx terminating TLS under wrk over https.
+    Https,
 }
 
 /// Workloads, run as child processes of the bench so that they are separate, untraced (or
@@ -132,6 +149,9 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     }
     setup::bench_deps()?;
     crate::build_agent(true)?;
+    if !args.only.is_empty() && !args.only.contains(&Part::Abcd) {
+        return part_https(root, &args);
+    }
     // Built now, from the same sources as the agent (others may edit them during the run);
     // a failure is reported in part D's place rather than stopping the bench.
     let pipeline_exe = build_pipeline_bench();
@@ -215,6 +235,22 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             &load
         )
     );
+    part_https(root, &args)
+}
+
+/// The HTTPS part (bench/https.rs), unless `--only` leaves it out; with its own rounds and
+/// servers, after A to D.
+fn part_https(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    if !args.only.is_empty() && !args.only.contains(&Part::Https) {
+        return Ok(());
+    }
+    let bench = Bench {
+        agent_bin: root.join("target/release/tracer-agent"),
+        exe: std::env::current_exe().context("locating the xtask binary")?,
+        counts: Counts::new(args.quick),
+        quiet_budget: Cell::new(QUIET_BUDGET),
+    };
+    print!("{}", https::run(&bench, args.rounds)?);
     Ok(())
 }
 
