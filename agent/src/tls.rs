@@ -4,7 +4,9 @@
 //!
 //! A process's copies are the files it maps executable (/proc/PID/maps): a shared libssl, or
 //! a statically linked one inside its executable or another library, found by symbol name in
-//! the ELF symbol tables. Each file is inspected and attached once, by (device, inode), with a
+//! the ELF symbol tables. A file with TLS code but none of the symbols (a stripped static
+//! copy, such as the BoringSSL inside grpcio's `cygrpc` module) cannot be probed: it gets a
+//! log line naming it and a counter. Each file is inspected and attached once, by (device, inode), with a
 //! host-wide uprobe: the kernel fires it for every process mapping that file, the probe keeps
 //! the traced ones, so a process that starts later with an attached libssl is covered from its
 //! first call. The system's libssl is attached at start even when nothing maps it yet
@@ -44,6 +46,21 @@ const LOGGED_WITHOUT_SSL: u64 = 10;
 /// Files larger than this are not searched for symbols (reading them costs too much memory).
 const MAX_FILE_BYTES: u64 = 512 << 20;
 
+/// A label of the TLS 1.3 key schedule (RFC 8446, 7.1), in the read-only data of every TLS 1.3
+/// implementation (OpenSSL, BoringSSL, Go's crypto/tls, rustls...) and of nothing else
+/// likely: how a file with TLS code but no SSL symbols is recognised.
+const TLS13_LABEL: &[u8] = b"c hs traffic";
+
+/// Where the distribution's own libraries live: those link its libssl (attached at start),
+/// so of them only libssl itself is read, not every library of every process.
+const DISTRIBUTION_PREFIXES: [&str; 5] = [
+    "/usr/lib/",
+    "/lib/",
+    "/usr/lib64/",
+    "/lib64/",
+    "/usr/lib32/",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}")]
@@ -67,6 +84,8 @@ pub struct SslFile {
     pub path: PathBuf,
     /// (function, file offset) for each of [`FUNCTIONS`] present.
     pub offsets: Vec<(&'static str, u64)>,
+    /// Whether its read-only data holds TLS 1.3 code ([`TLS13_LABEL`]), symbols or not.
+    pub tls_code: bool,
 }
 
 /// The file offsets of [`FUNCTIONS`] in the ELF file `data`, from its dynamic symbols or, for
@@ -105,6 +124,32 @@ pub fn ssl_offsets(data: &[u8]) -> Result<Vec<(&'static str, u64)>, object::Erro
     Ok(found)
 }
 
+/// Whether the read-only data of the ELF file `data` holds [`TLS13_LABEL`].
+pub fn has_tls_code(data: &[u8]) -> Result<bool, object::Error> {
+    let file = object::File::parse(data)?;
+    Ok(file
+        .sections()
+        .filter(|section| section.name().is_ok_and(|name| name.starts_with(".rodata")))
+        .filter_map(|section| section.data().ok())
+        .any(|bytes| contains(bytes, TLS13_LABEL)))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    // Scan for the first byte, then compare: fast enough in a debug build for a few MB.
+    let mut at = 0;
+    while let Some(i) = haystack[at..].iter().position(|&b| b == first) {
+        let start = at + i + 1;
+        if haystack.get(start..start + rest.len()) == Some(rest) {
+            return true;
+        }
+        at = start;
+    }
+    false
+}
+
 /// Inspects one file: its SSL functions, if any.
 pub fn inspect(path: &Path) -> Result<SslFile, TlsError> {
     let read = |source| TlsError::Read {
@@ -116,16 +161,20 @@ pub fn inspect(path: &Path) -> Result<SslFile, TlsError> {
         return Ok(SslFile {
             path: path.to_owned(),
             offsets: Vec::new(),
+            tls_code: false,
         });
     }
     let data = fs::read(path).map_err(read)?;
-    let offsets = ssl_offsets(&data).map_err(|source| TlsError::Parse {
+    let parse = |source| TlsError::Parse {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let offsets = ssl_offsets(&data).map_err(parse)?;
+    let tls_code = offsets.is_empty() && has_tls_code(&data).map_err(parse)?;
     Ok(SslFile {
         path: path.to_owned(),
         offsets,
+        tls_code,
     })
 }
 
@@ -172,6 +221,10 @@ pub fn executable_files(maps: &str) -> Vec<Mapped> {
     files
 }
 
+fn distribution_library(path: &str) -> bool {
+    DISTRIBUTION_PREFIXES.iter().any(|p| path.starts_with(p))
+}
+
 fn looks_like_libssl(path: &str) -> bool {
     path.rsplit('/')
         .next()
@@ -185,7 +238,8 @@ pub struct TlsStats {
     pub files_attached: u64,
     /// Processes scanned that map no SSL implementation.
     pub processes_without_ssl: u64,
-    /// Files named libssl* whose symbol tables hold none of the functions (stripped).
+    /// Files named libssl*, or holding TLS code, whose symbol tables hold none of the
+    /// functions (stripped, or another API): their processes' TLS stays ciphertext.
     pub libssl_without_symbols: u64,
     /// Files that could not be read or attached.
     pub errors: u64,
@@ -197,11 +251,22 @@ pub trait Attach {
     fn attach_ssl(&mut self, file: &SslFile) -> Result<usize, String>;
 }
 
+/// What a file inspected holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holds {
+    /// SSL functions, with uprobes on them.
+    Attached,
+    /// An SSL library without the symbols to probe (see [`TlsStats::libssl_without_symbols`]).
+    WithoutSymbols,
+    /// No SSL, or a file that could not be read or attached.
+    Nothing,
+}
+
 /// The TLS stage's state: files inspected, processes scanned.
 #[derive(Default)]
 pub struct Tls {
-    /// Every file inspected, by (device, inode), and whether it has SSL functions.
-    files: HashMap<(String, u64), bool>,
+    /// Every file inspected, by (device, inode).
+    files: HashMap<(String, u64), Holds>,
     scanned: HashSet<u32>,
     pub stats: TlsStats,
 }
@@ -245,18 +310,24 @@ impl Tls {
         let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
             return; // gone already
         };
-        // libssl by name, and static copies in the executable; other libraries are not read
-        // (with --all that would be every library on the host).
+        // libssl by name, static copies in the executable and in libraries from outside the
+        // distribution (a Python wheel's module); each file is read once.
         let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
-        let mut has_ssl = false;
+        let mut holds = Vec::new();
         for mapped in executable_files(&maps) {
-            if !looks_like_libssl(&mapped.path) && exe.as_deref() != Some(Path::new(&mapped.path)) {
+            if !looks_like_libssl(&mapped.path)
+                && exe.as_deref() != Some(Path::new(&mapped.path))
+                && distribution_library(&mapped.path)
+            {
                 continue;
             }
             let path = PathBuf::from(format!("/proc/{pid}/root{}", mapped.path));
-            has_ssl |= self.file(probes, mapped.id, &path, &mapped.path, Some(pid));
+            holds.push(self.file(probes, mapped.id, &path, &mapped.path, Some(pid)));
         }
-        if !has_ssl {
+        if holds.contains(&Holds::WithoutSymbols) && !holds.contains(&Holds::Attached) {
+            // Logged with the file, when it was first seen.
+            debug!("pid {pid}: its TLS library has no symbols to probe; its TLS stays ciphertext");
+        } else if !holds.contains(&Holds::Attached) {
             self.stats.processes_without_ssl += 1;
             let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             // With --all most processes have none: the first few are logged, the rest counted.
@@ -280,7 +351,7 @@ impl Tls {
         }
     }
 
-    /// Inspects (once) and attaches the file; true if it has SSL functions.
+    /// Inspects (once) and attaches the file, `shown` as `pid` maps it.
     fn file(
         &mut self,
         probes: &mut impl Attach,
@@ -288,47 +359,66 @@ impl Tls {
         path: &Path,
         shown: &str,
         pid: Option<u32>,
-    ) -> bool {
+    ) -> Holds {
         if let Some(&known) = self.files.get(&id) {
             return known;
         }
+        let holds = self.inspect_and_attach(probes, path, shown, pid);
+        self.files.insert(id, holds);
+        holds
+    }
+
+    fn inspect_and_attach(
+        &mut self,
+        probes: &mut impl Attach,
+        path: &Path,
+        shown: &str,
+        pid: Option<u32>,
+    ) -> Holds {
         let found = match inspect(path) {
             Ok(file) => file,
             Err(err) => {
-                self.files.insert(id, false);
                 if looks_like_libssl(shown) {
                     self.stats.errors += 1;
                     warn!("TLS: cannot inspect {shown}: {err}");
                 } else {
                     debug!("TLS: cannot inspect {shown}: {err}");
                 }
-                return false;
+                return Holds::Nothing;
             }
         };
-        let has = !found.offsets.is_empty();
-        self.files.insert(id, has);
-        if !has {
-            if looks_like_libssl(shown) {
-                self.stats.libssl_without_symbols += 1;
+        if found.offsets.is_empty() {
+            if !looks_like_libssl(shown) && !found.tls_code {
+                return Holds::Nothing;
+            }
+            self.stats.libssl_without_symbols += 1;
+            let of_pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            if found.tls_code && !looks_like_libssl(shown) {
                 warn!(
-                    "TLS: {shown}{} has no SSL_read/SSL_write symbols (stripped?); the TLS of \
-                     processes using it stays ciphertext",
-                    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+                    "TLS: {shown}{of_pid} holds a TLS library without SSL_read/SSL_write \
+                     symbols (a stripped static copy, like grpcio's BoringSSL, or another \
+                     API); uprobes cannot find it, so the TLS of processes using it stays \
+                     ciphertext and gets no spans"
+                );
+            } else {
+                warn!(
+                    "TLS: {shown}{of_pid} has no SSL_read/SSL_write symbols (stripped?); the \
+                     TLS of processes using it stays ciphertext"
                 );
             }
-            return false;
+            return Holds::WithoutSymbols;
         }
         match probes.attach_ssl(&found) {
             Ok(n) => {
                 self.stats.files_attached += 1;
                 let names: Vec<&str> = found.offsets.iter().map(|(f, _)| *f).collect();
                 info!("TLS: {n} uprobes on {shown} ({})", names.join(", "));
-                true
+                Holds::Attached
             }
             Err(err) => {
                 self.stats.errors += 1;
                 warn!("TLS: attaching uprobes to {shown} failed: {err}");
-                false
+                Holds::Nothing
             }
         }
     }
@@ -409,6 +499,36 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), 4);
         assert!(seen.iter().all(|&o| o > 0 && o < data.len() as u64));
+    }
+
+    #[test]
+    fn contains_finds_a_needle_anywhere_and_only_there() {
+        let label = TLS13_LABEL;
+        assert!(contains(label, label));
+        assert!(contains(b"xxc hs trafficyy", label));
+        assert!(contains(b"c hs trafficc hs traffic", label));
+        assert!(contains(b"cc hs traffic", label));
+        assert!(!contains(b"c hs traffi", label));
+        assert!(!contains(b"c hs trafficx"[1..].as_ref(), label));
+        assert!(!contains(b"", label));
+        assert!(contains(b"", b""));
+    }
+
+    /// libssl holds the TLS 1.3 key schedule, libcrypto (same project, no TLS) does not: the
+    /// label tells TLS code from other crypto code.
+    #[test]
+    fn tls_code_is_found_in_libssl_and_not_in_libcrypto() {
+        let dir = Path::new("/usr/lib/x86_64-linux-gnu");
+        let (Ok(ssl), Ok(crypto)) = (
+            fs::read(dir.join("libssl.so.3")),
+            fs::read(dir.join("libcrypto.so.3")),
+        ) else {
+            eprintln!("skipped: OpenSSL 3 is not installed");
+            return;
+        };
+        assert!(has_tls_code(&ssl).unwrap());
+        assert!(!has_tls_code(&crypto).unwrap());
+        assert!(has_tls_code(b"not elf").is_err());
     }
 
     /// The agent's own executable has no SSL: found empty, not an error.

@@ -356,8 +356,8 @@ fn https_server_started_after_the_agent_is_traced() {
 }
 
 /// A traced process with no OpenSSL in it, and one that maps a "libssl" without SSL symbols
-/// (libcrypto under libssl's name, preloaded): each gets a log line and a counter, and the
-/// agent carries on.
+/// (libcrypto under libssl's name, preloaded): each gets a log line and its own counter, and
+/// the agent carries on.
 #[test]
 fn processes_without_openssl_are_logged_and_counted() {
     if skip_without_libssl() {
@@ -395,7 +395,7 @@ fn processes_without_openssl_are_logged_and_counted() {
     ]);
     agent.wait_metric(
         "tracer_tls_total{event=\"processes_without_ssl\"}",
-        2.0,
+        1.0,
         STEP_TIMEOUT,
     );
     agent.wait_metric(
@@ -416,13 +416,373 @@ fn processes_without_openssl_are_logged_and_counted() {
         )))
         .then(|| "no line about the libssl without symbols".to_owned()),
     );
+    // The preloaded one has an SSL library, only without symbols: said about the file, not
+    // counted among processes without SSL.
+    let preloaded_line = format!("pid {} (sleep): no OpenSSL", preloaded.pid());
     checks.add(
-        (agent.metric("tracer_tls_total{event=\"errors\"}") != 0.0)
-            .then(|| "tracer_tls_total errors is not 0".to_owned()),
+        stderr
+            .contains(&preloaded_line)
+            .then(|| format!("a line {preloaded_line:?}")),
+    );
+    check(
+        &mut checks,
+        "processes_without_ssl",
+        agent.metric("tracer_tls_total{event=\"processes_without_ssl\"}"),
+        1.0,
+    );
+    check(
+        &mut checks,
+        "libssl_without_symbols",
+        agent.metric("tracer_tls_total{event=\"libssl_without_symbols\"}"),
+        1.0,
+    );
+    check(
+        &mut checks,
+        "errors",
+        agent.metric("tracer_tls_total{event=\"errors\"}"),
+        0.0,
     );
     agent.stop_ok();
     checks.finish(&format!(
         "after {:?}\n--- agent stderr ---\n{stderr}",
         started.elapsed()
+    ));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// nginx terminating TLS on a free port and proxying to `backend` in plaintext, one worker
+/// (started before it returns, so the agent traces it as the master's child). Returns nginx
+/// and its port.
+fn nginx_tls_proxy(dir: &TempDir, backend: u16) -> (Peer, u16) {
+    let port = free_port();
+    let d = dir.path().display();
+    let conf = format!(
+        "worker_processes 1;\n\
+         daemon off;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n\
+           access_log off;\n\
+           client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n\
+           uwsgi_temp_path {d}/uwsgi;\n\
+           scgi_temp_path {d}/scgi;\n\
+           server {{\n\
+             listen 127.0.0.1:{port} ssl;\n\
+             ssl_certificate {d}/cert.pem;\n\
+             ssl_certificate_key {d}/key.pem;\n\
+             location / {{ proxy_pass http://127.0.0.1:{backend}; }}\n\
+           }}\n\
+         }}\n"
+    );
+    let conf_path = dir.path().join("nginx.conf");
+    fs::write(&conf_path, conf).expect("write nginx.conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir.path());
+    let nginx = Peer::spawn("nginx", cmd);
+    wait_for_listen(port);
+    let has_worker = || {
+        fs::read_to_string(format!("/proc/{0}/task/{0}/children", nginx.pid()))
+            .is_ok_and(|c| !c.trim().is_empty())
+    };
+    assert!(
+        wait_until(STEP_TIMEOUT, has_worker),
+        "nginx started no worker"
+    );
+    (nginx, port)
+}
+
+/// curl -> nginx (TLS) -> python http.server (plaintext), nginx and the backend traced: per
+/// request an https SERVER span on nginx, a plaintext CLIENT span from nginx to the backend
+/// and the backend's SERVER span, in one trace, nginx's CLIENT under its SERVER and the
+/// backend's SERVER under nginx's CLIENT.
+#[test]
+fn nginx_terminating_tls_in_front_of_a_plaintext_backend() {
+    if skip_without_libssl() {
+        return;
+    }
+    let (backend, backend_port, _www) = tracer_e2e::http_server("hello.txt", BODY);
+    let dir = TempDir::new("tls-nginx");
+    certificate(dir.path());
+    let (nginx, port) = nginx_tls_proxy(&dir, backend_port);
+    let receiver = Receiver::start(Protocol::Grpc);
+    let (npid, bpid) = (nginx.pid(), backend.pid());
+    let mut agent = exporting_agent(
+        &receiver,
+        &["--pid", &npid.to_string(), "--pid", &bpid.to_string()],
+    );
+    // Two requests on one TLS connection: the second one's bytes may come from OpenSSL's
+    // buffer without a syscall inside SSL_read.
+    let mut curl = curl(&[
+        format!("https://127.0.0.1:{port}/hello.txt"),
+        format!("https://127.0.0.1:{port}/missing"),
+    ]);
+    curl.send("go");
+    curl_ok(&mut curl, 1);
+    let line = curl.expect("result");
+    assert_eq!(line.trim(), "404", "curl got {line}\n{}", curl.output());
+    curl.finish();
+    let nginx_spans = |s: &[ReceivedSpan], kind| {
+        s.iter()
+            .filter(|s| {
+                s.span.kind == kind && s.resource_str("process.executable.name") == Some("nginx")
+            })
+            .count()
+    };
+    receiver.wait_spans(
+        "nginx SERVER and CLIENT spans, backend SERVER spans",
+        SPAN_WAIT,
+        |s| {
+            nginx_spans(s, KIND_SERVER) >= 2
+                && nginx_spans(s, KIND_CLIENT) >= 2
+                && of(s, KIND_SERVER, bpid).len() >= 2
+        },
+    );
+    agent.stop_ok();
+    let spans = receiver.spans();
+    let mut checks = Checks::default();
+    let by = |kind: i32, backend_side: bool| {
+        let mut found: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| {
+                s.span.kind == kind
+                    && if backend_side {
+                        s.pid() == Some(bpid)
+                    } else {
+                        s.resource_str("process.executable.name") == Some("nginx")
+                    }
+            })
+            .collect();
+        found.sort_by_key(|s| s.start_ns());
+        found
+    };
+    let (servers, clients, backends) = (
+        by(KIND_SERVER, false),
+        by(KIND_CLIENT, false),
+        by(KIND_SERVER, true),
+    );
+    check(&mut checks, "nginx SERVER spans", servers.len(), 2);
+    check(&mut checks, "nginx CLIENT spans", clients.len(), 2);
+    check(&mut checks, "backend SERVER spans", backends.len(), 2);
+    check(&mut checks, "span count", spans.len(), 6);
+    for (i, (path, status)) in [("/hello.txt", 200), ("/missing", 404)]
+        .into_iter()
+        .enumerate()
+    {
+        let (Some(s), Some(c), Some(b)) = (servers.get(i), clients.get(i), backends.get(i)) else {
+            break;
+        };
+        check(
+            &mut checks,
+            "nginx SERVER url.scheme",
+            s.str("url.scheme"),
+            Some("https"),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER method",
+            s.str("http.request.method"),
+            Some("GET"),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER url.path",
+            s.str("url.path"),
+            Some(path),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER status",
+            s.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "nginx SERVER server.port",
+            s.int("server.port"),
+            Some(i64::from(port)),
+        );
+        let full = format!("http://127.0.0.1:{backend_port}{path}");
+        check(
+            &mut checks,
+            "nginx CLIENT url.full",
+            c.str("url.full"),
+            Some(&full),
+        );
+        check(
+            &mut checks,
+            "nginx CLIENT status",
+            c.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "backend url.scheme",
+            b.str("url.scheme"),
+            Some("http"),
+        );
+        check(
+            &mut checks,
+            "backend url.path",
+            b.str("url.path"),
+            Some(path),
+        );
+        check(
+            &mut checks,
+            "backend status",
+            b.int("http.response.status_code"),
+            Some(status),
+        );
+        check(
+            &mut checks,
+            "nginx CLIENT trace",
+            c.trace_id(),
+            s.trace_id(),
+        );
+        check(&mut checks, "backend trace", b.trace_id(), s.trace_id());
+        check(
+            &mut checks,
+            "nginx CLIENT parent",
+            c.parent_span_id(),
+            s.span_id(),
+        );
+        check(
+            &mut checks,
+            "backend parent",
+            b.parent_span_id(),
+            c.span_id(),
+        );
+    }
+    checks.finish(&format!("every span:\n{}", summaries(&spans)));
+}
+
+/// A grpcio server over TLS (the test's certificate), unary `demo.Echo/Say`.
+const GRPC_TLS_SERVER: &str = r#"
+import grpc, sys
+from concurrent import futures
+handlers = grpc.method_handlers_generic_handler("demo.Echo", {
+    "Say": grpc.unary_unary_rpc_method_handler(lambda request, context: b"hello " + request),
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handlers,))
+key = open(sys.argv[1] + "/key.pem", "rb").read()
+cert = open(sys.argv[1] + "/cert.pem", "rb").read()
+port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+server.start()
+print("port", port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A grpcio client over TLS trusting the test's certificate: each line `say WORD` makes one
+/// call and answers `ok REPLY`.
+const GRPC_TLS_CLIENT: &str = r#"
+import grpc, sys
+cert = open(sys.argv[1] + "/cert.pem", "rb").read()
+channel = grpc.secure_channel("127.0.0.1:" + sys.argv[2], grpc.ssl_channel_credentials(cert))
+say = channel.unary_unary("/demo.Echo/Say")
+print("ready", flush=True)
+for line in sys.stdin:
+    print("ok", say(line.split()[1].encode()).decode(), flush=True)
+"#;
+
+/// The cygrpc module of the test venv's grpcio: BoringSSL linked in statically, stripped.
+fn cygrpc_module() -> Option<std::path::PathBuf> {
+    let venv = tracer_e2e::venv_python();
+    let lib = venv.parent()?.parent()?.join("lib");
+    for python in fs::read_dir(lib).ok()?.flatten() {
+        let dir = python.path().join("site-packages/grpc/_cython");
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with("cygrpc") {
+                return Some(entry.path());
+            }
+        }
+    }
+    None
+}
+
+/// grpcio over TLS, client and server traced: their TLS is BoringSSL inside grpcio's cygrpc
+/// module, stripped, so there is nothing to put uprobes on. The agent says so once, naming
+/// the file and a pid, counts it, and keeps the ciphertext out of the parsers: no span at all
+/// (rather than garbage ones), no parse error, the handshake counted as ciphertext.
+#[test]
+fn grpcio_over_tls_with_stripped_boringssl_is_logged_counted_and_kept_out() {
+    let module = cygrpc_module().expect("grpcio is installed in the test venv");
+    let module = fs::canonicalize(&module).expect("canonical cygrpc path");
+    let dir = TempDir::new("tls-grpc");
+    certificate(dir.path());
+    let mut cmd = Command::new(tracer_e2e::venv_python());
+    cmd.args(["-u", "-c", GRPC_TLS_SERVER]).arg(dir.path());
+    let mut server = Peer::spawn("grpc tls server", cmd);
+    let port: u16 = server.expect_num("port");
+    wait_for_listen(port);
+    let mut cmd = Command::new(tracer_e2e::venv_python());
+    cmd.args(["-u", "-c", GRPC_TLS_CLIENT])
+        .arg(dir.path())
+        .arg(port.to_string());
+    let mut client = Peer::spawn("grpc tls client", cmd);
+    client.expect("ready");
+    let receiver = Receiver::start(Protocol::Grpc);
+    let (spid, cpid) = (server.pid(), client.pid());
+    let mut agent = exporting_agent(
+        &receiver,
+        &["--pid", &spid.to_string(), "--pid", &cpid.to_string()],
+    );
+    // The channel connects on the first call: the handshake happens under the agent.
+    for word in ["one", "two", "three"] {
+        client.send(&format!("say {word}"));
+        assert_eq!(client.expect("ok"), format!("hello {word}"));
+    }
+    let files = agent.wait_metric(
+        "tracer_tls_total{event=\"libssl_without_symbols\"}",
+        1.0,
+        STEP_TIMEOUT,
+    );
+    let cipher = agent.wait_metric(
+        "tracer_tls_total{event=\"ciphertext_bytes\"}",
+        2000.0,
+        STEP_TIMEOUT,
+    );
+    let metrics = agent.metrics();
+    agent.stop_ok();
+    let stderr = agent.stderr_text();
+    let spans = receiver.spans();
+    let mut checks = Checks::default();
+    check(&mut checks, "files without symbols", files, 1.0);
+    let shown = module.display().to_string();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(&shown) && l.contains("without SSL_read/SSL_write symbols"))
+        .collect();
+    check(&mut checks, "lines about the cygrpc module", lines.len(), 1);
+    let named_pid = lines.first().is_some_and(|l| {
+        l.contains(&format!("(pid {spid})")) || l.contains(&format!("(pid {cpid})"))
+    });
+    check(&mut checks, "the line names a pid", named_pid, true);
+    checks.add(
+        (cipher < 2000.0).then(|| format!("ciphertext bytes kept out: {cipher} (a handshake)")),
+    );
+    let ours: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.pid() == Some(spid) || s.pid() == Some(cpid))
+        .collect();
+    check(&mut checks, "spans of the grpc peers", ours.len(), 0);
+    let parse_errors: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tracer_parse_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    check(&mut checks, "parse errors", parse_errors, 0.0);
+    checks.finish(&format!(
+        "spans:\n{}\n--- agent stderr ---\n{stderr}",
+        summaries(&spans)
     ));
 }

@@ -16,6 +16,12 @@
 //!    `sendfile on` (nginx's usual setting; the body is not copied, only counted).
 //! D. The userspace pipeline alone (`cargo bench -p tracer-agent --bench pipeline`): ns per
 //!    HTTP exchange from ring buffer records to a queued span, and to an exported one.
+//! E. (bench/grpc.rs) A saturated grpcio unary server, side by side as in C.
+//! F. (bench/rates.rs) nginx across fixed request rates, with and without the agent:
+//!    docs/overhead.svg and docs/overhead.csv, and the agent's RSS at 10,000 requests/s over
+//!    1,000 connections.
+//! G. (bench/https.rs) nginx terminating TLS under wrk over https, with and without the
+//!    agent: what the OpenSSL uprobes cost per request.
 //!
 //! The machine is shared and noisy, so configurations are interleaved round by round and the
 //! table gives medians (with the range over rounds where it matters). Every process the bench
@@ -45,6 +51,7 @@ use clap::{Args, Subcommand};
 use crate::setup;
 
 mod grpc;
+mod https;
 mod plot;
 mod rates;
 
@@ -115,6 +122,8 @@ enum Part {
     Grpc,
     /// F: nginx across request rates; writes docs/overhead.svg and docs/overhead.csv.
     Rates,
+    /// G: nginx terminating TLS under wrk over https.
+    Https,
 }
 
 /// Workloads, run as child processes of the bench so that they are separate, untraced (or
@@ -158,7 +167,7 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     setup::bench_deps()?;
     crate::build_agent(true)?;
     if !args.only.is_empty() && !args.only.contains(&Part::Abcd) {
-        return parts_e_f(root, &args);
+        return parts_e_to_g(root, &args);
     }
     // Built now, from the same sources as the agent (others may edit them during the run);
     // a failure is reported in part D's place rather than stopping the bench.
@@ -243,12 +252,12 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             &load
         )
     );
-    parts_e_f(root, &args)
+    parts_e_to_g(root, &args)
 }
 
-/// Parts E and F (bench/grpc.rs, bench/rates.rs), as `--only` selects, each with its own
-/// rounds and its own servers, after A to D.
-fn parts_e_f(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+/// Parts E, F and G (bench/grpc.rs, bench/rates.rs, bench/https.rs), as `--only` selects,
+/// each with its own rounds and its own servers, after A to D.
+fn parts_e_to_g(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let wanted = |part| args.only.is_empty() || args.only.contains(&part);
     let bench = Bench {
         agent_bin: root.join("target/release/tracer-agent"),
@@ -274,6 +283,9 @@ fn parts_e_f(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     if wanted(Part::Rates) {
         print!("{}", rates::run(&bench, root, args.rounds, args.quick)?);
+    }
+    if wanted(Part::Https) {
+        print!("{}", https::run(&bench, args.rounds)?);
     }
     Ok(())
 }

@@ -680,13 +680,20 @@ fn emit_open(pid_tgid: u64, fd: i32, conn: &ConnState, nr: u32) {
     output(&event);
 }
 
-/// Address of the first byte a read/write syscall moved (0 when not a plain buffer or iovec).
+/// Address of the first byte a read/write syscall moved (0 when not a buffer, iovec or msghdr).
 #[inline(always)]
 fn first_byte(inflight: &Inflight) -> u64 {
     match inflight.syscall {
         syscall::READ | syscall::WRITE | syscall::RECVFROM | syscall::SENDTO => inflight.buf,
         syscall::READV | syscall::WRITEV => {
             read_user::<Iovec>(inflight.buf).map_or(0, |iov| iov.base)
+        }
+        // The first msghdr (an mmsghdr starts with one): its first iovec. grpcio moves TLS
+        // records with sendmsg/recvmsg.
+        syscall::SENDMSG | syscall::RECVMSG | syscall::SENDMMSG | syscall::RECVMMSG => {
+            read_user::<u64>(inflight.buf + MSGHDR_IOV)
+                .and_then(read_user::<Iovec>)
+                .map_or(0, |iov| iov.base)
         }
         _ => 0,
     }
