@@ -34,7 +34,6 @@ use std::{
     fs::File,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::{
@@ -49,7 +48,12 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 use clap::{Args, Subcommand};
 
 use crate::setup;
+use common::{
+    AgentSamples, Counting, ServerSamples, drain_note, errors_note, machine, measure, nginx_config,
+    nginx_version, per_1k, read_port, saturated_row, spawn_nginx, spread_or, ticks_ms, write_site,
+};
 
+mod common;
 mod grpc;
 mod https;
 mod plot;
@@ -81,7 +85,8 @@ const QUIET_BUDGET: Duration = Duration::from_secs(60);
 const NGINX_WORKERS: u32 = 1;
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 32;
-/// Seconds of each wrk run (`--quick`: `WRK_SECONDS_QUICK`).
+/// Seconds of each wrk run (`--quick`: `WRK_SECONDS_QUICK`), and of each load worker's run in
+/// parts E and F.
 const WRK_SECONDS: u64 = 5;
 const WRK_SECONDS_QUICK: u64 = 2;
 /// The static file nginx serves.
@@ -186,12 +191,7 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         "{} is missing after the build",
         bench.agent_bin.display()
     );
-    let idle = Proc::spawn(
-        "idle target",
-        Command::new(&bench.exe)
-            .args(["bench", "worker-idle"])
-            .stdin(Stdio::piped()),
-    )?;
+    let idle = bench.idle_target()?;
     let nginx = Nginx::start()?;
     let sink = OtlpSink::start()?;
     progress(&format!(
@@ -212,22 +212,9 @@ pub fn main(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         nginx_version: nginx.version.clone(),
         ..Samples::default()
     };
-    for round in 0..args.rounds {
-        // Rotating the order spreads any drift of the machine over every configuration.
-        let mut order = Config::ALL;
-        order.rotate_left(round as usize % Config::ALL.len());
-        for config in order {
-            progress(&format!(
-                "round {}/{}: {}",
-                round + 1,
-                args.rounds,
-                config.describe()
-            ));
-            bench
-                .run_config(config, &targets, &mut samples)
-                .with_context(|| format!("round {}, {}", round + 1, config.describe()))?;
-        }
-    }
+    bench.rounds("", args.rounds, Config::ALL, Config::describe, |config| {
+        bench.run_config(config, &targets, &mut samples)
+    })?;
     samples.nginx_sink_requests = sink.requests.load(Ordering::Relaxed);
     drop(nginx);
     drop(idle);
@@ -269,20 +256,16 @@ fn parts_e_to_g(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         // A to D printed the run's header; without them, say what ran where.
         println!("## tracer-agent overhead\n");
         println!("- Command: `cargo xtask {}`", command_args());
-        println!(
-            "- Machine: {} CPUs, {}",
-            thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu_model()
-        );
+        println!("- Machine: {}", machine());
         println!("- Agent: {}", agent_revision());
     }
     if wanted(Part::Grpc) {
         // grpcio comes from the tests' Python environment.
         setup::test_deps(root)?;
-        print!("{}", grpc::run(&bench, root, args.rounds, args.quick)?);
+        print!("{}", grpc::run(&bench, root, args.rounds)?);
     }
     if wanted(Part::Rates) {
-        print!("{}", rates::run(&bench, root, args.rounds, args.quick)?);
+        print!("{}", rates::run(&bench, root, args.rounds)?);
     }
     if wanted(Part::Https) {
         print!("{}", https::run(&bench, args.rounds)?);
@@ -360,10 +343,10 @@ const A_AGENT: usize = 2;
 /// Part B's two configurations.
 const B_NONE: usize = 0;
 const B_TRACED: usize = 1;
-/// Part C's three configurations.
-const C_NONE: usize = 0;
-const C_IDLE: usize = 1;
-const C_TRACED: usize = 2;
+/// Part C's three configurations (`saturated_row` takes them in this order).
+const C_NONE: usize = common::NONE;
+const C_IDLE: usize = common::IDLE;
+const C_TRACED: usize = common::TRACED;
 const C_CONFIGS: [&str; 3] = [
     "no agent",
     "agent tracing an idle process",
@@ -419,9 +402,9 @@ struct Samples {
     disturbed_runs: u32,
     nginx_version: String,
     /// Part C, by body path then configuration.
-    nginx: [[WrkSamples; 3]; 2],
+    nginx: [[ServerSamples; 3]; 2],
     /// Part C with the agent tracing nginx, by body path.
-    nginx_agent: [TracedSamples; 2],
+    nginx_agent: [AgentSamples; 2],
     /// Every nonzero series of the agent's loss and error counters over the traced runs, by
     /// body path: series (name and labels) -> sum over rounds.
     nginx_losses: [BTreeMap<String, f64>; 2],
@@ -434,28 +417,6 @@ struct Samples {
     nginx_errors: u64,
     /// OTLP/HTTP requests the sink answered over the whole run.
     nginx_sink_requests: u64,
-}
-
-/// One value per round of each wrk figure.
-#[derive(Default)]
-struct WrkSamples {
-    rate: Vec<f64>,
-    p50_us: Vec<f64>,
-    p99_us: Vec<f64>,
-    /// utime + stime of nginx's master and workers per 1,000 requests: the probes' kernel
-    /// time is charged to nginx.
-    nginx_cpu_ms_per_1k: Vec<f64>,
-}
-
-/// One value per round of what the agent did for nginx's requests.
-#[derive(Default)]
-struct TracedSamples {
-    cpu_ms_per_1k: Vec<f64>,
-    events_per_request: Vec<f64>,
-    spans_created_per_request: Vec<f64>,
-    spans_exported_per_request: Vec<f64>,
-    /// Compressed OTLP bytes the sink received per exported span.
-    otlp_bytes_per_span: Vec<f64>,
 }
 
 /// ns per operation of one part A workload, by configuration.
@@ -494,7 +455,6 @@ impl Bench {
         samples: &mut Samples,
     ) -> anyhow::Result<()> {
         let idle = targets.idle_pid.to_string();
-        self.wait_for_other_agents();
         match config {
             Config::NoAgent => {
                 self.part_a(A_NONE, None, samples)?;
@@ -534,16 +494,10 @@ impl Bench {
                 agent.stop()?;
             }
             Config::AgentNginx => {
-                let agent = Agent::start(
+                let agent = Agent::start_exporting(
                     &self.agent_bin,
-                    &[
-                        "--pid",
-                        &targets.nginx.proc.pid().to_string(),
-                        "--exporter",
-                        "otlp",
-                        "--otlp-endpoint",
-                        &targets.sink.url(),
-                    ],
+                    targets.nginx.proc.pid(),
+                    targets.sink,
                 )?;
                 // The master and its worker: workers are children, followed from the start.
                 samples
@@ -566,73 +520,39 @@ impl Bench {
         targets: &Targets,
         samples: &mut Samples,
     ) -> anyhow::Result<()> {
-        let ours = agent.map(Agent::pid);
+        let counting = if config == C_TRACED {
+            Counting::Drained
+        } else {
+            Counting::Off
+        };
         for (path_index, path) in BodyPath::ALL.into_iter().enumerate() {
-            let traced = agent.filter(|_| config == C_TRACED);
-            let before = traced
-                .map(|agent| AgentCounters::read(agent, targets.sink))
-                .transpose()?;
-            let others = other_agents(ours);
-            let nginx_pid = targets.nginx.proc.pid();
-            let nginx_before = tree_cpu_ticks(nginx_pid)?;
-            let run = self.wrk(&targets.nginx.url(path), self.counts.wrk_seconds)?;
-            let nginx_cpu_ms = (tree_cpu_ticks(nginx_pid)? - nginx_before) as f64 * 1000.0
-                / clock_ticks_per_second();
-            let nginx_cpu_ms_per_1k = nginx_cpu_ms / (run.requests.max(1) as f64 / 1000.0);
-            Self::note_other_agents(ours, &others, samples);
+            let measured = measure(agent, counting, targets.sink, || {
+                self.wrk_server(&targets.nginx.url(path), targets.nginx.proc.pid())
+            })?;
+            let (run, nginx_cpu_ms_per_1k) = &measured.run;
+            Self::note_other_agents(&measured.others.0, &measured.others.1, samples);
             samples.nginx_errors += run.errors;
-            let figures = &mut samples.nginx[path_index][config];
-            figures.rate.push(run.rate);
-            figures.p50_us.push(run.p50_us);
-            figures.p99_us.push(run.p99_us);
-            figures.nginx_cpu_ms_per_1k.push(nginx_cpu_ms_per_1k);
+            samples.nginx[path_index][config].push(
+                run.rate,
+                run.p50_us,
+                run.p99_us,
+                *nginx_cpu_ms_per_1k,
+            );
             let mut detail = String::new();
-            if let (Some(agent), Some(before)) = (traced, before) {
-                let (after, drained) = AgentCounters::settle(agent, targets.sink)?;
-                if !drained {
+            if let Some(delta) = &measured.agent {
+                if !measured.drained {
                     samples.nginx_undrained_runs += 1;
                 }
+                delta.add_losses(&mut samples.nginx_losses[path_index]);
+                samples.nginx_agent[path_index].push(delta, run.requests);
                 let requests = run.requests.max(1) as f64;
-                let cpu_ms =
-                    (after.cpu_ticks - before.cpu_ticks) as f64 * 1000.0 / clock_ticks_per_second();
-                let exported = after.exported - before.exported;
-                for (series, value) in &after.losses {
-                    let delta = value - before.losses.get(series).copied().unwrap_or(0.0);
-                    if delta != 0.0 {
-                        *samples.nginx_losses[path_index]
-                            .entry(series.clone())
-                            .or_default() += delta;
-                    }
-                }
-                let agent_figures = &mut samples.nginx_agent[path_index];
-                agent_figures
-                    .cpu_ms_per_1k
-                    .push(cpu_ms / (requests / 1000.0));
-                agent_figures
-                    .events_per_request
-                    .push((after.events - before.events) / requests);
-                agent_figures
-                    .spans_created_per_request
-                    .push((after.created - before.created) / requests);
-                agent_figures
-                    .spans_exported_per_request
-                    .push(exported / requests);
-                if exported > 0.0 {
-                    agent_figures
-                        .otlp_bytes_per_span
-                        .push((after.sink_bytes - before.sink_bytes) as f64 / exported);
-                }
                 detail = format!(
                     ", agent CPU {:.1} ms per 1k, {:.2} events and {:.3} spans exported per \
                      request{}",
-                    cpu_ms / (requests / 1000.0),
-                    (after.events - before.events) / requests,
-                    exported / requests,
-                    if drained {
-                        ""
-                    } else {
-                        " (export not finished in time)"
-                    }
+                    per_1k(delta.cpu_ms, run.requests),
+                    delta.events / requests,
+                    delta.exported / requests,
+                    drain_note(measured.drained)
                 );
             }
             progress(&format!(
@@ -643,17 +563,23 @@ impl Bench {
                 run.p50_us,
                 run.p99_us,
                 nginx_cpu_ms_per_1k,
-                if run.errors > 0 {
-                    format!(", {} errors", run.errors)
-                } else {
-                    String::new()
-                }
+                errors_note(run.errors)
             ));
             if let Some(agent) = agent {
                 agent.check_alive()?;
             }
         }
         Ok(())
+    }
+
+    /// One wrk run against the server `pid` (its children too: nginx's workers), with the
+    /// server's CPU ms per 1,000 requests.
+    fn wrk_server(&self, url: &str, pid: u32) -> anyhow::Result<(WrkRun, f64)> {
+        let before = tree_cpu_ticks(pid)?;
+        let run = self.wrk(url, self.counts.wrk_seconds)?;
+        let cpu_ms = ticks_ms(tree_cpu_ticks(pid)? - before);
+        let cpu_ms_per_1k = per_1k(cpu_ms, run.requests);
+        Ok((run, cpu_ms_per_1k))
     }
 
     /// One wrk run of `seconds` against `url`, parsed.
@@ -749,8 +675,7 @@ impl Bench {
     }
 
     /// Counts the run as disturbed when another agent runs at either end of it.
-    fn note_other_agents(ours: Option<u32>, before: &[u32], samples: &mut Samples) {
-        let after = other_agents(ours);
+    fn note_other_agents(before: &[u32], after: &[u32], samples: &mut Samples) {
         if !before.is_empty() || !after.is_empty() {
             samples.disturbed_runs += 1;
             progress(&format!(
@@ -767,23 +692,8 @@ impl Bench {
         samples: &mut Samples,
     ) -> anyhow::Result<Vec<f64>> {
         let others = other_agents(ours);
-        let mut worker = Proc::spawn(
-            "workload",
-            Command::new(&self.exe)
-                .arg("bench")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped()),
-        )?;
-        let status = worker
-            .wait_timeout(WORKER_TIMEOUT)?
-            .ok_or_else(|| anyhow!("workload {args:?} still running after {WORKER_TIMEOUT:?}"))?;
-        ensure!(status.success(), "workload {args:?} failed: {status}");
-        let mut out = String::new();
-        if let Some(mut stdout) = worker.child.stdout.take() {
-            stdout.read_to_string(&mut out)?;
-        }
-        Self::note_other_agents(ours, &others, samples);
+        let out = self.worker_output("workload", args, WORKER_TIMEOUT)?;
+        Self::note_other_agents(&others, &other_agents(ours), samples);
         let chunks: Vec<f64> = out
             .split_whitespace()
             .map(str::parse)
@@ -804,14 +714,8 @@ impl Bench {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped()),
         )?;
-        let stdout = proc.child.stdout.take().context("echo server stdout")?;
-        // The server prints its port at once; EOF here means it died.
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let port = line
-            .trim()
-            .parse()
-            .with_context(|| format!("echo server printed {line:?}, not a port"))?;
+        // The server prints its port at once.
+        let port = read_port(&mut proc, IO_TIMEOUT)?;
         Ok(EchoServer { proc, port })
     }
 
@@ -834,7 +738,7 @@ impl Bench {
         };
         let per_connection = self.counts.echo_round_trips / ECHO_CONNECTIONS as u64;
         let elapsed = echo_clients(server.port, size, per_connection)?;
-        Self::note_other_agents(agent.map(Agent::pid), &others, samples);
+        Self::note_other_agents(&others, &other_agents(agent.map(Agent::pid)), samples);
         let timed = per_connection * ECHO_CONNECTIONS as u64;
         let rate = timed as f64 / elapsed.as_secs_f64();
         let mut run = EchoRun {
@@ -848,7 +752,7 @@ impl Bench {
             thread::sleep(Duration::from_millis(300));
             agent.check_alive()?;
             let all = (per_connection + ECHO_WARMUP) * ECHO_CONNECTIONS as u64;
-            let cpu_ms = (agent.cpu_ticks()? - ticks) as f64 * 1000.0 / clock_ticks_per_second();
+            let cpu_ms = ticks_ms(agent.cpu_ticks()? - ticks);
             run.agent_cpu_ms_per_1k = cpu_ms / (all as f64 / 1000.0);
             run.events_per_round_trip =
                 (agent.metric("tracer_events_received_total")? - events) / all as f64;
@@ -1342,154 +1246,58 @@ impl Nginx {
     fn start() -> anyhow::Result<Nginx> {
         let dir = TempDir::new("tracer-bench-nginx")?;
         let root = dir.path();
-        // Workers run as an unprivileged user (nobody): the files must be readable by all.
-        let www = root.join("www");
-        let body: String = "tracer-agent bench 0123456789abcdef\n"
-            .chars()
-            .cycle()
-            .take(NGINX_FILE_BYTES)
-            .collect();
-        for path in BodyPath::ALL {
-            let location = www.join(path.location().trim_matches('/'));
-            std::fs::create_dir_all(&location)?;
-            std::fs::write(location.join("file.txt"), &body)?;
-        }
-        for entry in [www.clone(), root.to_path_buf()]
-            .into_iter()
-            .chain(BodyPath::ALL.map(|path| www.join(path.location().trim_matches('/'))))
-        {
-            std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755))?;
-        }
-        // nginx creates its temporary directories, not their parent.
-        std::fs::create_dir(root.join("tmp"))?;
+        let body = write_site(
+            root,
+            &BodyPath::ALL.map(|path| path.location().trim_matches('/')),
+        )?;
         let port = free_loopback_addr()?.port();
-        let config = root.join("nginx.conf");
-        std::fs::write(&config, Self::config(root, port))?;
-        let error_log = root.join("error.log");
-        let mut cmd = Command::new(Self::binary());
-        cmd.arg("-p")
-            .arg(root)
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours. With
-        // PR_SET_PDEATHSIG the nginx master gets SIGTERM when the bench dies, so a killed
-        // bench leaves no server behind (the master stops its workers).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut proc = Proc::spawn("nginx", &mut cmd)?;
-        let log = || std::fs::read_to_string(&error_log).unwrap_or_default();
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let deadline = Instant::now() + NGINX_READY_TIMEOUT;
-        let reply = loop {
-            if let Some(status) = proc.try_wait()? {
-                bail!("nginx exited at start ({status}); its log:\n{}", log());
-            }
-            if let Ok(reply) = http_get(addr, &format!("{}file.txt", BodyPath::Write.location())) {
-                break reply;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "nginx did not answer on {addr} within {NGINX_READY_TIMEOUT:?}; its log:\n{}",
-                    log()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        };
+        let path = format!("{}file.txt", BodyPath::Write.location());
+        let (proc, reply) = spawn_nginx("nginx", root, port, &Self::config(root, port), |addr| {
+            http_get(addr, &path).ok()
+        })?;
         ensure!(
             reply == (200, body.clone()),
             "nginx answered {} with {} bytes, not 200 and the {NGINX_FILE_BYTES} B file; its \
              log:\n{}",
             reply.0,
             reply.1.len(),
-            log()
+            common::nginx_log(root)
         );
-        let version = Command::new(Self::binary())
-            .arg("-v")
-            .output()
-            .ok()
-            .and_then(|out| {
-                let text = String::from_utf8_lossy(&out.stderr).into_owned();
-                Some(
-                    text.trim()
-                        .strip_prefix("nginx version: nginx/")?
-                        .to_owned(),
-                )
-            })
-            .unwrap_or_else(|| "(unknown version)".into());
         Ok(Nginx {
             proc,
             _dir: dir,
             port,
-            version,
+            version: nginx_version(),
         })
     }
 
-    /// Debian's nginx, even when PATH lacks /usr/sbin (a user's PATH kept by `sudo -E`).
-    fn binary() -> &'static str {
-        const DEBIAN: &str = "/usr/sbin/nginx";
-        if Path::new(DEBIAN).exists() {
-            DEBIAN
-        } else {
-            "nginx"
-        }
-    }
-
     fn config(root: &Path, port: u16) -> String {
-        let root = root.display();
-        let temp = |name: &str| format!("{name}_temp_path {root}/tmp/{name};");
-        format!(
-            "# Generated by `cargo xtask bench` (part C).
-daemon off;
-master_process on;
-worker_processes {NGINX_WORKERS};
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-# Part F holds 1,000 connections: near worker_connections, nginx closes idle keep-alive
+        let www = root.join("www");
+        nginx_config(
+            root,
+            "part C",
+            "# Part F holds 1,000 connections: near worker_connections, nginx closes idle keep-alive
 # connections to make room, which clients see as failed requests.
 worker_rlimit_nofile 8192;
-events {{
-    worker_connections 4096;
-}}
-http {{
-    access_log off;
-    default_type text/plain;
-    # Keep-alive with nginx's defaults: 75 s idle, 1,000 requests per connection.
+",
+            4096,
+            "    # Keep-alive with nginx's defaults: 75 s idle, 1,000 requests per connection.
     keepalive_timeout 75s;
-    {}
-    {}
-    {}
-    {}
-    {}
-    server {{
-        listen 127.0.0.1:{port};
-        root {root}/www;
+",
+            &format!(
+                "        listen 127.0.0.1:{port};
+        root {};
         location {} {{
             sendfile off;
         }}
         location {} {{
             sendfile on;
         }}
-    }}
-}}
 ",
-            temp("client_body"),
-            temp("proxy"),
-            temp("fastcgi"),
-            temp("uwsgi"),
-            temp("scgi"),
-            BodyPath::Write.location(),
-            BodyPath::Sendfile.location(),
+                www.display(),
+                BodyPath::Write.location(),
+                BodyPath::Sendfile.location(),
+            ),
         )
     }
 
@@ -1898,9 +1706,8 @@ fn report(
     line(String::new());
     line(format!("- Command: `cargo xtask {}`", command_args()));
     line(format!(
-        "- Machine: {} CPUs, {}, kernel {}",
-        thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model(),
+        "- Machine: {}, kernel {}",
+        machine(),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -2054,32 +1861,9 @@ fn report_nginx(counts: &Counts, s: &Samples) -> String {
     );
     line("|---|---|---|---|---|---|---|---|---|".into());
     for (path_index, path) in BodyPath::ALL.into_iter().enumerate() {
-        let runs = &s.nginx[path_index];
-        let none = &runs[C_NONE];
         for (config, name) in C_CONFIGS.into_iter().enumerate() {
-            let this = &runs[config];
-            let (ratio, ratio_range, p99_added) = if config == C_NONE {
-                ("1".into(), String::new(), String::new())
-            } else {
-                let ratio = median(&this.rate) / median(&none.rate);
-                let bold = if config == C_TRACED { "**" } else { "" };
-                (
-                    format!("{bold}{ratio:.3}{bold}"),
-                    paired_range(&this.rate, &none.rate, 3),
-                    format!(
-                        "{bold}{:+.1}%{bold}",
-                        (median(&this.p99_us) / median(&none.p99_us) - 1.0) * 100.0
-                    ),
-                )
-            };
-            line(format!(
-                "| {} | {name} | {} | {ratio} | {ratio_range} | {} | {} | {p99_added} | {} |",
-                path.describe(),
-                spread(&this.rate, 0),
-                spread(&this.p50_us, 0),
-                spread(&this.p99_us, 0),
-                spread(&this.nginx_cpu_ms_per_1k, 2),
-            ));
+            let lead = format!("{} | {name}", path.describe());
+            line(saturated_row(&lead, config, &s.nginx[path_index]));
         }
     }
     line(String::new());
@@ -2140,11 +1924,7 @@ fn report_nginx(counts: &Counts, s: &Samples) -> String {
          with `--pid <master>`: {}. The sink answered {} OTLP requests. wrk socket errors and \
          non-2xx responses, over every run: {}.",
         s.nginx_peak_rss_kib as f64 / 1024.0,
-        if s.nginx_processes_traced.is_empty() {
-            "n/a".into()
-        } else {
-            spread(&s.nginx_processes_traced, 0)
-        },
+        spread_or(&s.nginx_processes_traced, 0, "n/a"),
         thousands(s.nginx_sink_requests),
         s.nginx_errors,
     ));

@@ -10,7 +10,6 @@
 //! bottleneck itself; the Rust client needs a fraction of that.
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -26,8 +25,12 @@ use tonic::{
 };
 
 use super::{
-    Agent, AgentCounters, Bench, IO_TIMEOUT, Load, OtlpSink, Proc, clock_ticks_per_second, median,
-    other_agents, paired_range, proc_stat, progress, rates, spread,
+    Bench, IO_TIMEOUT, Load, OtlpSink, Proc,
+    common::{
+        AgentSamples, Counting, IDLE, NONE, ServerSamples, TRACED, drain_note, errors_note,
+        losses_list, measure, per_1k, read_port, run_warnings, saturated_row, spread_or, ticks_ms,
+    },
+    proc_stat, progress, rates,
 };
 
 /// The generic handler's method.
@@ -57,15 +60,9 @@ const CONCURRENCY: u32 = 8;
 const PAYLOAD_BYTES: usize = 64;
 /// Calls each client makes before timing starts (the connection, the server's threads).
 const WARMUP_CALLS: u64 = 200;
-/// Seconds per run (`--quick`: `SECONDS_QUICK`).
-const SECONDS: f64 = 5.0;
-const SECONDS_QUICK: f64 = 2.0;
 /// Server start-up (importing grpcio takes a moment on a busy machine).
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-const NONE: usize = 0;
-const IDLE: usize = 1;
-const TRACED: usize = 2;
 const CONFIGS: [&str; 3] = [
     "no agent",
     "agent tracing an idle process",
@@ -232,20 +229,8 @@ impl Server {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped()),
         )?;
-        let stdout = proc.child.stdout.take().context("gRPC server stdout")?;
-        // The port comes at once after start-up; EOF means the server died.
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = sender.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
-        });
-        let line = receiver
-            .recv_timeout(SERVER_READY_TIMEOUT)
-            .context("the gRPC server printed no port")??;
-        let port = line
-            .trim()
-            .parse()
-            .with_context(|| format!("the gRPC server printed {line:?}, not a port"))?;
+        // The port comes at once after start-up.
+        let port = read_port(&mut proc, SERVER_READY_TIMEOUT)?;
         Ok(Server { proc, port })
     }
 }
@@ -253,17 +238,12 @@ impl Server {
 /// One value per round of each figure, by configuration.
 #[derive(Default)]
 struct Samples {
-    rate: [Vec<f64>; 3],
-    p50_us: [Vec<f64>; 3],
-    p99_us: [Vec<f64>; 3],
-    /// utime + stime of the server per 1,000 calls (the probes' kernel time included).
-    server_cpu_ms_per_1k: [Vec<f64>; 3],
+    /// Calls/s, latencies, and the server's utime + stime per 1,000 calls (the probes' kernel
+    /// time included).
+    runs: [ServerSamples; 3],
     errors: u64,
-    agent_cpu_ms_per_1k: Vec<f64>,
-    events_per_call: Vec<f64>,
-    spans_created_per_call: Vec<f64>,
-    spans_exported_per_call: Vec<f64>,
-    otlp_bytes_per_span: Vec<f64>,
+    /// The agent tracing the server, per call.
+    agent: AgentSamples,
     peak_rss_kib: u64,
     losses: BTreeMap<String, f64>,
     undrained_runs: u32,
@@ -274,10 +254,11 @@ struct Samples {
 }
 
 /// Runs part E and returns its report section.
-pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyhow::Result<String> {
+pub(super) fn run(bench: &Bench, root: &Path, rounds: u32) -> anyhow::Result<String> {
     let started = Instant::now();
     let load_before = Load::now();
-    let seconds = if quick { SECONDS_QUICK } else { SECONDS };
+    // As long as part C's wrk runs.
+    let seconds = bench.counts.wrk_seconds as f64;
     let python = crate::setup::venv_dir(root).join("bin").join("python");
     let version = Command::new(&python)
         .args(["-c", "import grpc; print(grpc.__version__)"])
@@ -286,12 +267,7 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
         .filter(|out| out.status.success())
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
         .context("grpcio is not importable from target/e2e-venv: run `cargo xtask setup`")?;
-    let idle = Proc::spawn(
-        "idle target",
-        Command::new(&bench.exe)
-            .args(["bench", "worker-idle"])
-            .stdin(Stdio::piped()),
-    )?;
+    let idle = bench.idle_target()?;
     let server = Server::start(&python)?;
     let sink = OtlpSink::start()?;
     progress(&format!(
@@ -302,7 +278,7 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
     ));
     let client = |seconds: f64| {
         rates::run_load_worker(
-            &bench.exe,
+            bench,
             &[
                 "worker-grpc-client".to_owned(),
                 format!("--port={}", server.port),
@@ -315,129 +291,70 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
     };
     client(1.0).context("warming the gRPC server up")?;
     let mut s = Samples::default();
-    for round in 0..rounds {
-        let mut order = [NONE, IDLE, TRACED];
-        order.rotate_left(round as usize % CONFIGS.len());
-        for config in order {
-            progress(&format!(
-                "part E round {}/{rounds}: {}",
-                round + 1,
-                CONFIGS[config]
-            ));
-            bench.wait_for_other_agents();
-            let agent = match config {
-                NONE => None,
-                IDLE => Some(Agent::start(
-                    &bench.agent_bin,
-                    &["--pid", &idle.pid().to_string()],
-                )?),
-                _ => Some(Agent::start(
-                    &bench.agent_bin,
-                    &[
-                        "--pid",
-                        &server.proc.pid().to_string(),
-                        "--exporter",
-                        "otlp",
-                        "--otlp-endpoint",
-                        &sink.url(),
-                    ],
-                )?),
-            };
-            let ours = agent.as_ref().map(Agent::pid);
-            let others = other_agents(ours);
-            let traced = agent.as_ref().filter(|_| config == TRACED);
-            let before = traced
-                .map(|agent| AgentCounters::read(agent, &sink))
-                .transpose()?;
-            let server_before = proc_stat(server.proc.pid())?.cpu_ticks;
-            let idle_agent_before = match (&agent, config) {
-                (Some(agent), IDLE) => Some(agent.cpu_ticks()?),
-                _ => None,
-            };
-            let run = client(seconds)
-                .with_context(|| format!("round {}, {}", round + 1, CONFIGS[config]))?;
-            let server_cpu_ms = (proc_stat(server.proc.pid())?.cpu_ticks - server_before) as f64
-                * 1000.0
-                / clock_ticks_per_second();
-            if !others.is_empty() || !other_agents(ours).is_empty() {
+    bench.rounds(
+        "part E ",
+        rounds,
+        [NONE, IDLE, TRACED],
+        |config| CONFIGS[config],
+        |config| {
+            let agent = bench.agent_for(config, &idle, server.proc.pid(), &sink)?;
+            let measured = measure(agent.as_ref(), Counting::of(config), &sink, || {
+                let before = proc_stat(server.proc.pid())?.cpu_ticks;
+                let run = client(seconds)?;
+                let cpu_ms = ticks_ms(proc_stat(server.proc.pid())?.cpu_ticks - before);
+                Ok((run, cpu_ms))
+            })?;
+            let (run, server_cpu_ms) = &measured.run;
+            if measured.disturbed() {
                 s.disturbed_runs += 1;
                 progress("  warning: other tracer-agent processes ran during this run");
             }
             // Every call the server answered, warm-up included: all of them cost it and the
             // agent CPU and became spans.
-            let calls = run.answered.max(1) as f64;
-            if let (Some(agent), Some(ticks)) = (&agent, idle_agent_before) {
-                let cpu_ms =
-                    (agent.cpu_ticks()? - ticks) as f64 * 1000.0 / clock_ticks_per_second();
-                s.idle_agent_cpu_ms_per_s.push(cpu_ms / seconds);
-            }
-            s.rate[config].push(run.rate());
-            s.p50_us[config].push(run.p50_us);
-            s.p99_us[config].push(run.p99_us);
-            s.server_cpu_ms_per_1k[config].push(server_cpu_ms / (calls / 1000.0));
+            let server_cpu = per_1k(*server_cpu_ms, run.answered);
+            s.runs[config].push(run.rate(), run.p50_us, run.p99_us, server_cpu);
             s.errors += run.errors;
             let mut detail = String::new();
-            if let (Some(agent), Some(before)) = (traced, before) {
-                let (after, drained) = AgentCounters::settle(agent, &sink)?;
-                if !drained {
-                    s.undrained_runs += 1;
-                }
-                let cpu_ms =
-                    (after.cpu_ticks - before.cpu_ticks) as f64 * 1000.0 / clock_ticks_per_second();
-                let exported = after.exported - before.exported;
-                s.agent_cpu_ms_per_1k.push(cpu_ms / (calls / 1000.0));
-                s.events_per_call
-                    .push((after.events - before.events) / calls);
-                s.spans_created_per_call
-                    .push((after.created - before.created) / calls);
-                s.spans_exported_per_call.push(exported / calls);
-                if exported > 0.0 {
-                    s.otlp_bytes_per_span
-                        .push((after.sink_bytes - before.sink_bytes) as f64 / exported);
-                }
-                for (series, value) in &after.losses {
-                    let delta = value - before.losses.get(series).copied().unwrap_or(0.0);
-                    if delta != 0.0 {
-                        *s.losses.entry(series.clone()).or_default() += delta;
+            match (&agent, &measured.agent) {
+                (Some(agent), Some(delta)) if config == TRACED => {
+                    if !measured.drained {
+                        s.undrained_runs += 1;
                     }
+                    s.agent.push(delta, run.answered);
+                    delta.add_losses(&mut s.losses);
+                    s.peak_rss_kib = s.peak_rss_kib.max(agent.peak_rss_kib()?);
+                    detail = format!(
+                        ", agent CPU {:.1} ms per 1k, {:.3} spans exported per call{}",
+                        per_1k(delta.cpu_ms, run.answered),
+                        delta.exported / run.answered.max(1) as f64,
+                        drain_note(measured.drained)
+                    );
                 }
-                s.peak_rss_kib = s.peak_rss_kib.max(agent.peak_rss_kib()?);
-                detail = format!(
-                    ", agent CPU {:.1} ms per 1k, {:.3} spans exported per call{}",
-                    cpu_ms / (calls / 1000.0),
-                    exported / calls,
-                    if drained {
-                        ""
-                    } else {
-                        " (export not finished in time)"
-                    }
-                );
+                (Some(_), Some(delta)) => s.idle_agent_cpu_ms_per_s.push(delta.cpu_ms / seconds),
+                _ => {}
             }
             progress(&format!(
                 "  {:.0} calls/s, p50 {:.0} us, p99 {:.0} us, server CPU {:.1} ms per 1k{}{detail}",
                 run.rate(),
                 run.p50_us,
                 run.p99_us,
-                server_cpu_ms / (calls / 1000.0),
-                if run.errors > 0 {
-                    format!(", {} errors", run.errors)
-                } else {
-                    String::new()
-                }
+                server_cpu,
+                errors_note(run.errors)
             ));
             if let Some(agent) = agent {
                 agent.check_alive()?;
                 agent.stop()?;
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
     let requests = sink.requests.load(std::sync::atomic::Ordering::Relaxed);
     drop(server);
     drop(idle);
     let elapsed = started.elapsed();
     let load = load_before.describe(&Load::now(), elapsed);
     progress(&format!("part E done in {elapsed:.0?}"));
-    ensure!(!s.rate[NONE].is_empty(), "no rounds");
+    ensure!(!s.runs[NONE].rate.is_empty(), "no rounds");
     Ok(report(
         &s, &version, rounds, seconds, requests, elapsed, &load,
     ))
@@ -477,29 +394,7 @@ fn report(
     );
     line("|---|---|---|---|---|---|---|---|".into());
     for (config, name) in CONFIGS.into_iter().enumerate() {
-        let (ratio, ratio_range, p99_added) = if config == NONE {
-            ("1".into(), String::new(), String::new())
-        } else {
-            let bold = if config == TRACED { "**" } else { "" };
-            (
-                format!(
-                    "{bold}{:.3}{bold}",
-                    median(&s.rate[config]) / median(&s.rate[NONE])
-                ),
-                paired_range(&s.rate[config], &s.rate[NONE], 3),
-                format!(
-                    "{bold}{:+.1}%{bold}",
-                    (median(&s.p99_us[config]) / median(&s.p99_us[NONE]) - 1.0) * 100.0
-                ),
-            )
-        };
-        line(format!(
-            "| {name} | {} | {ratio} | {ratio_range} | {} | {} | {p99_added} | {} |",
-            spread(&s.rate[config], 0),
-            spread(&s.p50_us[config], 0),
-            spread(&s.p99_us[config], 0),
-            spread(&s.server_cpu_ms_per_1k[config], 2),
-        ));
+        line(saturated_row(name, config, &s.runs));
     }
     line(String::new());
     line("Agent tracing the server, per run (median, min–max over rounds):".into());
@@ -510,20 +405,15 @@ fn report(
             .into(),
     );
     line("|---|---|---|---|---|".into());
-    let optional = |values: &[f64], decimals| {
-        if values.is_empty() {
-            "n/a".to_owned()
-        } else {
-            spread(values, decimals)
-        }
-    };
+    let optional = |values: &[f64], decimals| spread_or(values, decimals, "n/a");
+    let agent = &s.agent;
     line(format!(
         "| {} | {} | {} | {} | {} |",
-        optional(&s.agent_cpu_ms_per_1k, 2),
-        optional(&s.events_per_call, 2),
-        optional(&s.spans_created_per_call, 4),
-        optional(&s.spans_exported_per_call, 4),
-        optional(&s.otlp_bytes_per_span, 0),
+        optional(&agent.cpu_ms_per_1k, 2),
+        optional(&agent.events_per_request, 2),
+        optional(&agent.spans_created_per_request, 4),
+        optional(&agent.spans_exported_per_request, 4),
+        optional(&agent.otlp_bytes_per_span, 0),
     ));
     line(String::new());
     line(format!(
@@ -533,11 +423,6 @@ fn report(
         optional(&s.idle_agent_cpu_ms_per_s, 1)
     ));
     line(String::new());
-    let losses: Vec<String> = s
-        .losses
-        .iter()
-        .map(|(series, value)| format!("`{series}` {value}"))
-        .collect();
     line(format!(
         "Agent peak RSS (VmHWM) tracing the server, highest over rounds: {:.1} MiB. The sink \
          answered {sink_requests} OTLP requests. Failed calls over every run: {}. Loss and \
@@ -546,25 +431,8 @@ fn report(
          the server answered in the run (its warm-up included).",
         s.peak_rss_kib as f64 / 1024.0,
         s.errors,
-        if losses.is_empty() {
-            "none".to_owned()
-        } else {
-            losses.join(", ")
-        }
+        losses_list(&s.losses)
     ));
-    if s.undrained_runs > 0 {
-        line(String::new());
-        line(format!(
-            "**Warning**: after {} run(s) the agent had not finished exporting in time.",
-            s.undrained_runs
-        ));
-    }
-    if s.disturbed_runs > 0 {
-        line(String::new());
-        line(format!(
-            "**Warning**: {} run(s) overlapped with other tracer-agent processes.",
-            s.disturbed_runs
-        ));
-    }
+    out.push_str(&run_warnings(s.undrained_runs, s.disturbed_runs));
     out
 }

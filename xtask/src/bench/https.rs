@@ -6,26 +6,24 @@
 //! tracing nginx and exporting every span over OTLP/HTTP to the bench's sink.
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    net::TcpStream,
     path::Path,
     process::{Command, Stdio},
-    thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 
 use super::{
-    Agent, AgentCounters, Bench, EXPORT_DRAIN_TIMEOUT, Load, NGINX_FILE_BYTES, NGINX_READY_TIMEOUT,
-    NGINX_WORKERS, Nginx, OtlpSink, Proc, TempDir, WRK_CONNECTIONS, WRK_THREADS, agent_revision,
-    clock_ticks_per_second, command_args, cpu_model, free_loopback_addr, median, other_agents,
-    paired_range, progress, spread, tree_cpu_ticks,
+    Agent, Bench, EXPORT_DRAIN_TIMEOUT, Load, NGINX_FILE_BYTES, NGINX_WORKERS, OtlpSink, Proc,
+    TempDir, WRK_CONNECTIONS, WRK_THREADS, agent_revision, command_args,
+    common::{
+        Counting, IDLE, NONE, ServerSamples, TRACED, errors_note, machine, measure, nginx_config,
+        nginx_version, per_1k, ratio_cell, spawn_nginx, write_site,
+    },
+    free_loopback_addr, paired_range, progress, spread,
 };
 
-const NONE: usize = 0;
-const IDLE: usize = 1;
-const TRACED: usize = 2;
 const CONFIGS: [&str; 3] = [
     "no agent",
     "agent tracing an idle process (uprobes attached)",
@@ -35,10 +33,8 @@ const CONFIGS: [&str; 3] = [
 /// One value per round of each figure, by configuration.
 #[derive(Default)]
 struct Figures {
-    rate: [Vec<f64>; 3],
-    p50_us: [Vec<f64>; 3],
-    p99_us: [Vec<f64>; 3],
-    nginx_cpu_ms_per_1k: [Vec<f64>; 3],
+    /// wrk's figures and nginx's CPU per 1,000 requests.
+    runs: [ServerSamples; 3],
     /// The agent's CPU per 1,000 requests, with an agent.
     agent_cpu_ms_per_1k: [Vec<f64>; 3],
     /// With the agent tracing nginx.
@@ -56,12 +52,7 @@ struct Figures {
 pub(super) fn run(bench: &Bench, rounds: u32) -> anyhow::Result<String> {
     let started = Instant::now();
     let load_before = Load::now();
-    let idle = Proc::spawn(
-        "idle target",
-        Command::new(&bench.exe)
-            .args(["bench", "worker-idle"])
-            .stdin(Stdio::piped()),
-    )?;
+    let idle = bench.idle_target()?;
     let nginx = TlsNginx::start()?;
     let sink = OtlpSink::start()?;
     progress(&format!(
@@ -78,41 +69,20 @@ pub(super) fn run(bench: &Bench, rounds: u32) -> anyhow::Result<String> {
         warm.errors
     );
     let mut figures = Figures::default();
-    for round in 0..rounds {
-        let mut order = [NONE, IDLE, TRACED];
-        order.rotate_left(round as usize % CONFIGS.len());
-        for config in order {
-            progress(&format!(
-                "HTTPS round {}/{rounds}: {}",
-                round + 1,
-                CONFIGS[config]
-            ));
-            bench.wait_for_other_agents();
-            let agent = match config {
-                NONE => None,
-                IDLE => Some(Agent::start(
-                    &bench.agent_bin,
-                    &["--pid", &idle.pid().to_string()],
-                )?),
-                _ => Some(Agent::start(
-                    &bench.agent_bin,
-                    &[
-                        "--pid",
-                        &nginx.proc.pid().to_string(),
-                        "--exporter",
-                        "otlp",
-                        "--otlp-endpoint",
-                        &sink.url(),
-                    ],
-                )?),
-            };
-            measure(bench, config, agent.as_ref(), &nginx, &sink, &mut figures)
-                .with_context(|| format!("HTTPS round {}, {}", round + 1, CONFIGS[config]))?;
+    bench.rounds(
+        "HTTPS ",
+        rounds,
+        [NONE, IDLE, TRACED],
+        |config| CONFIGS[config],
+        |config| {
+            let agent = bench.agent_for(config, &idle, nginx.proc.pid(), &sink)?;
+            one_run(bench, config, agent.as_ref(), &nginx, &sink, &mut figures)?;
             if let Some(agent) = agent {
                 agent.stop()?;
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
     drop(nginx);
     drop(idle);
     let elapsed = started.elapsed();
@@ -121,7 +91,7 @@ pub(super) fn run(bench: &Bench, rounds: u32) -> anyhow::Result<String> {
 }
 
 /// One wrk run under one configuration, with the agent's figures around it.
-fn measure(
+fn one_run(
     bench: &Bench,
     config: usize,
     agent: Option<&Agent>,
@@ -129,46 +99,27 @@ fn measure(
     sink: &OtlpSink,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let ours = agent.map(Agent::pid);
-    let others = other_agents(ours);
-    let before = agent
-        .map(|agent| AgentCounters::read(agent, sink))
-        .transpose()?;
     let lost_before = agent.map(plaintext_lost).transpose()?.unwrap_or(0.0);
-    let nginx_before = tree_cpu_ticks(nginx.proc.pid())?;
-    let run = bench.wrk(&nginx.url(), bench.counts.wrk_seconds)?;
-    let ticks_to_ms = |ticks: u64| ticks as f64 * 1000.0 / clock_ticks_per_second();
-    let thousands = run.requests.max(1) as f64 / 1000.0;
-    let nginx_cpu = ticks_to_ms(tree_cpu_ticks(nginx.proc.pid())? - nginx_before) / thousands;
-    if !other_agents(ours).is_empty() || !others.is_empty() {
+    let measured = measure(agent, Counting::of(config), sink, || {
+        bench.wrk_server(&nginx.url(), nginx.proc.pid())
+    })?;
+    let (run, nginx_cpu) = &measured.run;
+    if measured.disturbed() {
         figures.disturbed_runs += 1;
     }
     figures.wrk_errors += run.errors;
-    figures.rate[config].push(run.rate);
-    figures.p50_us[config].push(run.p50_us);
-    figures.p99_us[config].push(run.p99_us);
-    figures.nginx_cpu_ms_per_1k[config].push(nginx_cpu);
+    figures.runs[config].push(run.rate, run.p50_us, run.p99_us, *nginx_cpu);
     let mut detail = String::new();
-    if let (Some(agent), Some(before)) = (agent, before) {
-        let (after, drained) = if config == TRACED {
-            AgentCounters::settle(agent, sink)?
-        } else {
-            (AgentCounters::read(agent, sink)?, true)
-        };
-        let cpu = ticks_to_ms(after.cpu_ticks - before.cpu_ticks) / thousands;
+    if let (Some(agent), Some(delta)) = (agent, &measured.agent) {
+        let cpu = per_1k(delta.cpu_ms, run.requests);
         figures.agent_cpu_ms_per_1k[config].push(cpu);
         write!(detail, ", agent CPU {cpu:.1} ms per 1k")?;
         if config == TRACED {
-            let spans = (after.exported - before.exported) / (thousands * 1000.0);
+            let spans = delta.exported / run.requests.max(1) as f64;
             figures.spans_per_request.push(spans);
             figures.plaintext_lost += plaintext_lost(agent)? - lost_before;
-            for (series, value) in &after.losses {
-                let delta = value - before.losses.get(series).copied().unwrap_or(0.0);
-                if delta != 0.0 {
-                    *figures.losses.entry(series.clone()).or_default() += delta;
-                }
-            }
-            if !drained {
+            delta.add_losses(&mut figures.losses);
+            if !measured.drained {
                 figures.undrained_runs += 1;
             }
             write!(detail, ", {spans:.3} spans exported per request")?;
@@ -181,11 +132,7 @@ fn measure(
         run.rate,
         run.p50_us,
         run.p99_us,
-        if run.errors > 0 {
-            format!(", {} errors", run.errors)
-        } else {
-            String::new()
-        }
+        errors_note(run.errors)
     ));
     Ok(())
 }
@@ -209,11 +156,7 @@ fn report(bench: &Bench, f: &Figures, rounds: u32, elapsed: Duration, load: &str
     line("### HTTPS: nginx terminating TLS under wrk".into());
     line(String::new());
     line(format!("- Command: `cargo xtask {}`", command_args()));
-    line(format!(
-        "- Machine: {} CPUs, {}; {load}",
-        thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model()
-    ));
+    line(format!("- Machine: {}; {load}", machine()));
     line(format!("- Agent: {}", agent_revision()));
     line(format!(
         "- {rounds} rounds in {elapsed:.0?}; each runs `wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} \
@@ -237,12 +180,13 @@ fn report(bench: &Bench, f: &Figures, rounds: u32, elapsed: Duration, load: &str
     );
     line("|---|---|---|---|---|---|---|---|---|".into());
     for (config, name) in CONFIGS.into_iter().enumerate() {
+        let (this, none) = (&f.runs[config], &f.runs[NONE]);
         let (ratio, ratio_range) = if config == NONE {
             ("1".into(), String::new())
         } else {
             (
-                format!("**{:.3}**", median(&f.rate[config]) / median(&f.rate[NONE])),
-                paired_range(&f.rate[config], &f.rate[NONE], 3),
+                ratio_cell(&this.rate, &none.rate, true),
+                paired_range(&this.rate, &none.rate, 3),
             )
         };
         let agent_cpu = if config == NONE {
@@ -257,10 +201,10 @@ fn report(bench: &Bench, f: &Figures, rounds: u32, elapsed: Duration, load: &str
         };
         line(format!(
             "| {name} | {} | {ratio} | {ratio_range} | {} | {} | {} | {agent_cpu} | {spans} |",
-            spread(&f.rate[config], 0),
-            spread(&f.p50_us[config], 0),
-            spread(&f.p99_us[config], 0),
-            spread(&f.nginx_cpu_ms_per_1k[config], 1),
+            spread(&this.rate, 0),
+            spread(&this.p50_us, 0),
+            spread(&this.p99_us, 0),
+            spread(&this.cpu_ms_per_1k, 1),
         ));
     }
     line(String::new());
@@ -322,60 +266,21 @@ impl TlsNginx {
         let dir = TempDir::new("tracer-bench-nginx-tls")?;
         let root = dir.path();
         certificate(root)?;
-        // Workers run as an unprivileged user (nobody): the files must be readable by all
-        // (the key is read by the master, as root).
-        let www = root.join("www");
-        std::fs::create_dir(&www)?;
-        let body: String = "tracer-agent bench 0123456789abcdef\n"
-            .chars()
-            .cycle()
-            .take(NGINX_FILE_BYTES)
-            .collect();
-        std::fs::write(www.join("file.txt"), &body)?;
-        for entry in [root, &www] {
-            std::fs::set_permissions(entry, std::fs::Permissions::from_mode(0o755))?;
-        }
-        std::fs::create_dir(root.join("tmp"))?;
+        // The key is read by the master, as root; the workers only read the site.
+        write_site(root, &[""])?;
         let port = free_loopback_addr()?.port();
-        let config = root.join("nginx.conf");
-        std::fs::write(&config, Self::config(root, port))?;
-        let error_log = root.join("error.log");
-        let mut cmd = Command::new(Nginx::binary());
-        cmd.arg("-p")
-            .arg(root)
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: as in `Nginx::start`: prctl is async-signal-safe and touches no memory of
-        // ours; the master gets SIGTERM should the bench die.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut proc = Proc::spawn("nginx (TLS)", &mut cmd)?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let deadline = Instant::now() + NGINX_READY_TIMEOUT;
-        while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
-            let log = || std::fs::read_to_string(&error_log).unwrap_or_default();
-            if let Some(status) = proc.try_wait()? {
-                bail!("nginx exited at start ({status}); its log:\n{}", log());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "nginx did not listen on {addr} within {NGINX_READY_TIMEOUT:?}; its log:\n{}",
-                    log()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        // Listening is enough: wrk's warm-up checks the answers.
+        let (proc, ()) = spawn_nginx(
+            "nginx (TLS)",
+            root,
+            port,
+            &Self::config(root, port),
+            |addr| {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                    .ok()
+                    .map(drop)
+            },
+        )?;
         Ok(TlsNginx {
             proc,
             _dir: dir,
@@ -384,63 +289,26 @@ impl TlsNginx {
     }
 
     fn config(root: &Path, port: u16) -> String {
-        let root = root.display();
-        let temp = |name: &str| format!("{name}_temp_path {root}/tmp/{name};");
-        format!(
-            "# Generated by `cargo xtask bench` (HTTPS part).
-daemon off;
-master_process on;
-worker_processes {NGINX_WORKERS};
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{
-    worker_connections 1024;
-}}
-http {{
-    access_log off;
-    default_type text/plain;
-    keepalive_timeout 75s;
-    sendfile off;
-    {}
-    {}
-    {}
-    {}
-    {}
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {root}/cert.pem;
-        ssl_certificate_key {root}/key.pem;
-        root {root}/www;
-    }}
-}}
-",
-            temp("client_body"),
-            temp("proxy"),
-            temp("fastcgi"),
-            temp("uwsgi"),
-            temp("scgi"),
+        let dir = root.display();
+        nginx_config(
+            root,
+            "HTTPS part",
+            "",
+            1024,
+            "    keepalive_timeout 75s;\n    sendfile off;\n",
+            &format!(
+                "        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {dir}/cert.pem;
+        ssl_certificate_key {dir}/key.pem;
+        root {dir}/www;
+"
+            ),
         )
     }
 
     fn url(&self) -> String {
         format!("https://127.0.0.1:{}/file.txt", self.port)
     }
-}
-
-fn nginx_version() -> String {
-    Command::new(Nginx::binary())
-        .arg("-v")
-        .output()
-        .ok()
-        .and_then(|out| {
-            let text = String::from_utf8_lossy(&out.stderr).into_owned();
-            Some(
-                text.trim()
-                    .strip_prefix("nginx version: nginx/")?
-                    .to_owned(),
-            )
-        })
-        .unwrap_or_else(|| "(unknown version)".into())
 }
 
 /// A self-signed certificate for 127.0.0.1 (`cert.pem`, `key.pem` in `dir`), made with the

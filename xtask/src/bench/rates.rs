@@ -12,15 +12,14 @@
 //! connection sends again as soon as it has an answer): the saturation point.
 use std::{
     collections::BTreeMap,
-    io::{self, Read as _},
+    io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, anyhow, ensure};
+use anyhow::{Context as _, ensure};
 use hdrhistogram::Histogram;
 use tokio::{
     io::unix::AsyncFd,
@@ -30,9 +29,13 @@ use tokio::{
 };
 
 use super::{
-    Agent, AgentCounters, Bench, BodyPath, IO_TIMEOUT, Load, Nginx, OtlpSink, Proc,
-    WRK_CONNECTIONS, agent_revision, command_args, cpu_model, median, other_agents, plot, progress,
-    range, spread,
+    Agent, Bench, BodyPath, IO_TIMEOUT, Load, Nginx, OtlpSink, WRK_CONNECTIONS, agent_revision,
+    command_args,
+    common::{
+        Counting, added_cell, errors_note, losses_list, machine, measure, per_1k, run_warnings,
+        spread_or,
+    },
+    median, plot, progress, range, spread,
 };
 
 /// Offered rates of the sweep, requests/s; 0 is the closed-loop saturation point.
@@ -42,9 +45,6 @@ const SWEEP_CONNECTIONS: u32 = WRK_CONNECTIONS;
 /// The issue's memory target is stated at this load.
 const RSS_RATE: u32 = 10_000;
 const RSS_CONNECTIONS: u32 = 1_000;
-/// Seconds per point (`--quick`: `SECONDS_QUICK`).
-const SECONDS: f64 = 5.0;
-const SECONDS_QUICK: f64 = 2.0;
 /// Requests still queued this long after the schedule ends are given up and counted as
 /// missed: the server could not keep up with the offered rate.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -205,27 +205,11 @@ pub(super) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
 /// Runs a load worker (`bench <args>`) to completion and parses its report; `deadline` is
 /// how long it may take.
 pub(super) fn run_load_worker(
-    exe: &Path,
+    bench: &Bench,
     args: &[String],
     deadline: Duration,
 ) -> anyhow::Result<LoadReport> {
-    let mut worker = Proc::spawn(
-        "load worker",
-        Command::new(exe)
-            .arg("bench")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped()),
-    )?;
-    let status = worker
-        .wait_timeout(deadline)?
-        .ok_or_else(|| anyhow!("load worker {args:?} still running after {deadline:?}"))?;
-    ensure!(status.success(), "load worker {args:?} failed: {status}");
-    let mut out = String::new();
-    if let Some(mut stdout) = worker.child.stdout.take() {
-        stdout.read_to_string(&mut out)?;
-    }
-    LoadReport::parse(out.trim())
+    LoadReport::parse(bench.worker_output("load worker", args, deadline)?.trim())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock the timerfd keeps.
@@ -593,10 +577,11 @@ pub(super) struct Samples {
 }
 
 /// Runs part F and returns its report section; writes docs/overhead.svg and .csv.
-pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyhow::Result<String> {
+pub(super) fn run(bench: &Bench, root: &Path, rounds: u32) -> anyhow::Result<String> {
     let started = Instant::now();
     let load_before = Load::now();
-    let seconds = if quick { SECONDS_QUICK } else { SECONDS };
+    // Seconds per point: as long as part C's wrk runs.
+    let seconds = bench.counts.wrk_seconds as f64;
     let nginx = Nginx::start()?;
     let sink = OtlpSink::start()?;
     progress(&format!(
@@ -617,7 +602,7 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
             format!("--seconds={seconds}"),
         ];
         run_load_worker(
-            &bench.exe,
+            bench,
             &args,
             Duration::from_secs_f64(seconds) + DRAIN + IO_TIMEOUT * 2,
         )
@@ -638,27 +623,17 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
         undrained_runs: 0,
         disturbed_runs: 0,
     };
-    for round in 0..rounds {
-        let mut order = [NONE, TRACED];
-        order.rotate_left(round as usize % CONFIGS.len());
-        for config in order {
-            progress(&format!(
-                "part F round {}/{rounds}: {}",
-                round + 1,
-                CONFIGS[config]
-            ));
-            bench.wait_for_other_agents();
+    bench.rounds(
+        "part F ",
+        rounds,
+        [NONE, TRACED],
+        |config| CONFIGS[config],
+        |config| {
             let agent = if config == TRACED {
-                Some(Agent::start(
+                Some(Agent::start_exporting(
                     &bench.agent_bin,
-                    &[
-                        "--pid",
-                        &nginx.proc.pid().to_string(),
-                        "--exporter",
-                        "otlp",
-                        "--otlp-endpoint",
-                        &sink.url(),
-                    ],
+                    nginx.proc.pid(),
+                    &sink,
                 )?)
             } else {
                 None
@@ -670,21 +645,11 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
                 .filter(|(_, p)| p.is_rss_point())
                 .chain(points.iter().enumerate().filter(|(_, p)| !p.is_rss_point()));
             for (index, &point) in order {
-                let ours = agent.as_ref().map(Agent::pid);
-                let others = other_agents(ours);
-                let before = agent
-                    .as_ref()
-                    .map(|agent| AgentCounters::read(agent, &sink))
-                    .transpose()?;
-                let report = load(point).with_context(|| {
-                    format!(
-                        "round {}, {}, {}",
-                        round + 1,
-                        CONFIGS[config],
-                        point.describe()
-                    )
+                let measured = measure(agent.as_ref(), Counting::Drained, &sink, || {
+                    load(point).with_context(|| point.describe())
                 })?;
-                if !others.is_empty() || !other_agents(ours).is_empty() {
+                let report = &measured.run;
+                if measured.disturbed() {
                     samples.disturbed_runs += 1;
                     progress("  warning: other tracer-agent processes ran during this run");
                 }
@@ -696,32 +661,21 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
                 figures.errors += report.errors;
                 figures.missed += report.missed;
                 let mut detail = String::new();
-                if let (Some(agent), Some(before)) = (&agent, before) {
-                    let (after, drained) = AgentCounters::settle(agent, &sink)?;
-                    if !drained {
+                if let (Some(agent), Some(delta)) = (&agent, &measured.agent) {
+                    if !measured.drained {
                         samples.undrained_runs += 1;
                     }
-                    let requests = report.answered.max(1) as f64;
-                    let cpu_ms = (after.cpu_ticks - before.cpu_ticks) as f64 * 1000.0
-                        / super::clock_ticks_per_second();
-                    figures
-                        .agent_cpu_ms_per_1k
-                        .push(cpu_ms / (requests / 1000.0));
-                    let exported = after.exported - before.exported;
-                    figures.spans_exported_per_request.push(exported / requests);
-                    for (series, value) in &after.losses {
-                        let delta = value - before.losses.get(series).copied().unwrap_or(0.0);
-                        if delta != 0.0 {
-                            *samples.losses.entry(series.clone()).or_default() += delta;
-                        }
-                    }
+                    let cpu = per_1k(delta.cpu_ms, report.answered);
+                    figures.agent_cpu_ms_per_1k.push(cpu);
+                    let exported = delta.exported / report.answered.max(1) as f64;
+                    figures.spans_exported_per_request.push(exported);
+                    delta.add_losses(&mut samples.losses);
                     if point.is_rss_point() {
                         samples.rss_point_hwm_kib.push(agent.peak_rss_kib()? as f64);
                     }
                     detail = format!(
-                        ", agent CPU {:.1} ms per 1k, {:.3} spans exported per request{}",
-                        cpu_ms / (requests / 1000.0),
-                        exported / requests,
+                        ", agent CPU {cpu:.1} ms per 1k, {exported:.3} spans exported per \
+                         request{}",
                         if point.is_rss_point() {
                             format!(
                                 ", agent peak RSS {:.1} MiB",
@@ -738,11 +692,7 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
                     report.rate(),
                     report.p50_us,
                     report.p99_us,
-                    if report.errors > 0 {
-                        format!(", {} errors", report.errors)
-                    } else {
-                        String::new()
-                    },
+                    errors_note(report.errors),
                     if report.missed > 0 {
                         format!(", {} not sent (overloaded)", report.missed)
                     } else {
@@ -757,8 +707,9 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
                 samples.round_hwm_kib.push(agent.peak_rss_kib()? as f64);
                 agent.stop()?;
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
     let nginx_version = nginx.version.clone();
     drop(nginx);
     let elapsed = started.elapsed();
@@ -766,10 +717,9 @@ pub(super) fn run(bench: &Bench, root: &Path, rounds: u32, quick: bool) -> anyho
     let docs = root.join("docs");
     std::fs::create_dir_all(&docs)?;
     let caption = format!(
-        "cargo xtask {}; {} CPUs, {}; {}; {}",
+        "cargo xtask {}; {}; {}; {}",
         command_args(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model(),
+        machine(),
         agent_revision(),
         load
     );
@@ -907,20 +857,11 @@ fn report(
             let p = &s.points[config][index];
             let none = &s.points[NONE][index];
             let added = if config == TRACED {
-                format!(
-                    "{:+.1}%",
-                    (median(&p.p99_us) / median(&none.p99_us) - 1.0) * 100.0
-                )
+                added_cell(&p.p99_us, &none.p99_us, false)
             } else {
                 String::new()
             };
-            let optional = |values: &[f64], decimals| {
-                if values.is_empty() {
-                    String::new()
-                } else {
-                    spread(values, decimals)
-                }
-            };
+            let optional = |values: &[f64], decimals| spread_or(values, decimals, "");
             line(format!(
                 "| {} | {} | {} | {} | {} | {} | {added} | {} | {} | {} | {} |",
                 point.describe(),
@@ -958,33 +899,11 @@ fn report(
         rss(&s.rss_point_hwm_kib),
         rss(&s.round_hwm_kib),
     ));
-    let losses: Vec<String> = s
-        .losses
-        .iter()
-        .map(|(series, value)| format!("`{series}` {value}"))
-        .collect();
     line(format!(
         "Loss and error counters that moved while the agent traced nginx: {}.",
-        if losses.is_empty() {
-            "none".to_owned()
-        } else {
-            losses.join(", ")
-        }
+        losses_list(&s.losses)
     ));
-    if s.undrained_runs > 0 {
-        line(String::new());
-        line(format!(
-            "**Warning**: after {} run(s) the agent had not finished exporting in time.",
-            s.undrained_runs
-        ));
-    }
-    if s.disturbed_runs > 0 {
-        line(String::new());
-        line(format!(
-            "**Warning**: {} run(s) overlapped with other tracer-agent processes.",
-            s.disturbed_runs
-        ));
-    }
+    out.push_str(&run_warnings(s.undrained_runs, s.disturbed_runs));
     out
 }
 
