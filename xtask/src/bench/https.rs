@@ -16,9 +16,9 @@ use anyhow::{Context as _, ensure};
 
 use super::{
     Agent, Bench, EXPORT_DRAIN_TIMEOUT, Load, NGINX_FILE_BYTES, NGINX_WORKERS, OtlpSink, Proc,
-    TempDir, WRK_CONNECTIONS, WRK_THREADS, agent_revision, command_args,
+    TempDir, WRK_CONNECTIONS, WRK_THREADS,
     common::{
-        Counting, IDLE, NONE, ServerSamples, TRACED, errors_note, machine, measure, nginx_config,
+        Counting, IDLE, NONE, ServerSamples, TRACED, errors_note, measure, nginx_config,
         nginx_version, per_1k, ratio_cell, spawn_nginx, write_site,
     },
     free_loopback_addr, paired_range, progress, spread,
@@ -153,11 +153,12 @@ fn report(bench: &Bench, f: &Figures, rounds: u32, elapsed: Duration, load: &str
         out.push_str(&text);
         out.push('\n');
     };
-    line("### HTTPS: nginx terminating TLS under wrk".into());
+    // A blank line first: the part before may not end with one. Command, machine and agent
+    // are in the run's header.
     line(String::new());
-    line(format!("- Command: `cargo xtask {}`", command_args()));
-    line(format!("- Machine: {}; {load}", machine()));
-    line(format!("- Agent: {}", agent_revision()));
+    line("### G. HTTPS: nginx terminating TLS under wrk".into());
+    line(String::new());
+    line(format!("- Machine load: {load}"));
     line(format!(
         "- {rounds} rounds in {elapsed:.0?}; each runs `wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} \
          -d{}s --latency https://...` once per configuration, in rotating order.",
