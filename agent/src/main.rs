@@ -28,7 +28,7 @@ use tracer_agent::{
     select::{Selection, Selector},
     spans::{RpcConventions, SpanFactory},
     streams::StreamLimits,
-    tls::Tls,
+    tls::{Scope as TlsScope, Tls},
 };
 
 /// What `--exporter` and the environment select; None: spans are not built at all.
@@ -158,14 +158,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         floor: cli.probe_floor,
     })?;
     let mut selector = selection.start(&mut probes);
-    // TLS plaintext: uprobes on the system's libssl and on the SSL copies of the processes
-    // traced now; `tls_scan` picks up those of processes traced later.
-    let mut tls = Tls::default();
+    // TLS plaintext: uprobes on the system's libssl and the SSL copies of the processes
+    // traced now, per process (with --all host-wide); `tls_scan` picks up processes traced
+    // later and copies loaded later.
+    let mut tls = Tls::new(if cli.all {
+        TlsScope::HostWide
+    } else {
+        TlsScope::PerProcess
+    });
     let capture_tls = !cli.probe_floor && !cli.no_tls;
     if capture_tls {
+        if !cli.all {
+            raise_open_files_limit();
+        }
         tls.attach_system(&mut probes);
         let targets = probes.targets.clone();
-        tls.scan(&mut probes, &targets);
+        tls.scan(&mut probes, &targets, std::time::Instant::now());
     }
     // Last, once every exit probe is attached and the selection is in the traced set.
     let blocked = probes.targets.clone();
@@ -243,7 +251,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         pipeline.sweep();
                         selector.sweep();
                     }
-                    if ticks.is_multiple_of(100) && capture_tls {
+                    // Per process every 100 ms, so a newly traced process gets its uprobes
+                    // soon; host-wide (--all) processes are scanned once, every second.
+                    if capture_tls && (!cli.all || ticks.is_multiple_of(100)) {
                         tls_scan(&mut tls, &mut probes, cli.all);
                     }
                     publish(&metrics, &probes, &pipeline, &kernel, cli.all, refresh);
@@ -304,7 +314,31 @@ fn drain(
     }
 }
 
-/// Looks for SSL copies in processes traced since the last scan (every second).
+/// Raises the soft limit on open files to the hard one: each uprobe holds a descriptor (8
+/// per libssl per traced process), and the usual soft limit of 1,024 would stop them at about
+/// a hundred processes.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if !raised {
+        warn!(
+            "raising the open files limit failed ({}): TLS uprobes for many traced processes \
+             may fail (counted in tracer_tls_total{{event=\"errors\"}})",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Looks for SSL copies in the traced processes (see `tls` for which are scanned when).
 fn tls_scan(tls: &mut Tls, probes: &mut Probes, trace_all: bool) {
     let pids: Vec<u32> = if trace_all {
         let agent = std::process::id();
@@ -316,17 +350,21 @@ fn tls_scan(tls: &mut Tls, probes: &mut Probes, trace_all: bool) {
             })
             .unwrap_or_default()
     } else {
-        probes.traced.pids_where(|state| {
-            state == tracer_common::traced::TRACED || tracer_common::traced::is_pending(state)
-        })
+        // Not the pending ones: with exec watching every exec is pending until the selection
+        // decides (within a drain), and most are refused.
+        probes
+            .traced
+            .pids_where(|state| state == tracer_common::traced::TRACED)
     };
-    tls.scan(probes, &pids);
+    tls.scan(probes, &pids, std::time::Instant::now());
 }
 
 fn publish_tls(metrics: &Metrics, tls: &Tls, kernel: &KernelCounters) {
     let stats = &tls.stats;
     for (event, total) in [
         ("files_attached", stats.files_attached),
+        ("processes_attached", stats.processes_attached),
+        ("processes_detached", stats.processes_detached),
         ("processes_without_ssl", stats.processes_without_ssl),
         ("libssl_without_symbols", stats.libssl_without_symbols),
         ("errors", stats.errors),

@@ -309,8 +309,10 @@ pub struct Metrics {
 }
 
 /// `event` values of `tracer_tls_total`.
-pub const TLS_EVENTS: [&str; 7] = [
+pub const TLS_EVENTS: [&str; 9] = [
     "files_attached",
+    "processes_attached",
+    "processes_detached",
     "processes_without_ssl",
     "libssl_without_symbols",
     "errors",
@@ -516,8 +518,9 @@ impl Metrics {
         let tls = precreated(TLS_EVENTS.map(|event| [("event", event)]));
         registry.register(
             "tls",
-            "TLS capture (uprobes on OpenSSL): files attached, processes or libssl files without \
-             SSL symbols, inspect/attach errors, plaintext lost for want of a socket, SSL calls \
+            "TLS capture (uprobes on OpenSSL): files attached, processes given uprobes and \
+             processes whose uprobes were detached (exited or no longer traced), processes or \
+             libssl files without SSL symbols, inspect/attach errors, plaintext lost for want of a socket, SSL calls \
              missed (call map full), ciphertext bytes kept out of the pipeline",
             tls.clone(),
         );

@@ -6,16 +6,24 @@
 //! a statically linked one inside its executable or another library, found by symbol name in
 //! the ELF symbol tables. A file with TLS code but none of the symbols (a stripped static
 //! copy, such as the BoringSSL inside grpcio's `cygrpc` module) cannot be probed: it gets a
-//! log line naming it and a counter. Each file is inspected and attached once, by (device, inode), with a
-//! host-wide uprobe: the kernel fires it for every process mapping that file, the probe keeps
-//! the traced ones, so a process that starts later with an attached libssl is covered from its
-//! first call. The system's libssl is attached at start even when nothing maps it yet
-//! (Python loads it on `import ssl`). Other copies in later processes are found by the
-//! periodic scan of newly traced processes.
+//! log line naming it and a counter. Each file is inspected once, by (device, inode).
+//!
+//! Where the uprobes go depends on the scope. Per process (the default): each traced process
+//! gets its own uprobes, so the kernel plants the breakpoints in that process only and
+//! untraced processes using the same libssl pay nothing (a uprobe hit costs microseconds even
+//! when the probe returns at once). When first seen it gets the system's libssl, mapped yet
+//! or not: the kernel plants the breakpoints when the process maps it (Python's lazy
+//! `import ssl`, an exec into curl). It is scanned for other copies then, on every scan for
+//! [`YOUNG`] (libraries loaded at startup), then every [`RESCAN_EVERY`]; its uprobes are
+//! detached when it exits or stops being traced. Host-wide (`--all`, everything is traced): each file gets one uprobe
+//! that fires in every process mapping it, the system's libssl is attached at start, and each
+//! process is scanned once.
 use std::{
     collections::{HashMap, HashSet},
     fs,
+    num::NonZeroU32,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use log::{debug, info, warn};
@@ -43,6 +51,16 @@ const SYSTEM_DIRS: [&str; 5] = [
 /// Processes without SSL logged at info level; later ones at debug (see `scan_process`).
 const LOGGED_WITHOUT_SSL: u64 = 10;
 
+/// Processes whose uprobes are logged at info level; later ones at debug.
+const LOGGED_ATTACHED: u64 = 10;
+
+/// How long after it is first seen a process is rescanned on every scan: the libraries a
+/// program loads at startup (Python's `import ssl` included) are mapped by then.
+pub const YOUNG: Duration = Duration::from_secs(2);
+
+/// How often an older traced process is rescanned, for libraries it loads later.
+pub const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
 /// Files larger than this are not searched for symbols (reading them costs too much memory).
 const MAX_FILE_BYTES: u64 = 512 << 20;
 
@@ -51,8 +69,8 @@ const MAX_FILE_BYTES: u64 = 512 << 20;
 /// likely: how a file with TLS code but no SSL symbols is recognised.
 const TLS13_LABEL: &[u8] = b"c hs traffic";
 
-/// Where the distribution's own libraries live: those link its libssl (attached at start),
-/// so of them only libssl itself is read, not every library of every process.
+/// Where the distribution's own libraries live: those link its libssl (mapped, so found by
+/// name), so of them only libssl itself is read, not every library of every process.
 const DISTRIBUTION_PREFIXES: [&str; 5] = [
     "/usr/lib/",
     "/lib/",
@@ -234,45 +252,98 @@ fn looks_like_libssl(path: &str) -> bool {
 /// What the scans found, for metrics (`tracer_tls_*`) and the status line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsStats {
-    /// Files with SSL functions that got uprobes.
+    /// Files with SSL functions that got uprobes (host-wide, or in at least one process).
     pub files_attached: u64,
-    /// Processes scanned that map no SSL implementation.
+    /// Processes that got uprobes of their own (per-process scope).
+    pub processes_attached: u64,
+    /// Processes whose uprobes were detached: they exited or stopped being traced.
+    pub processes_detached: u64,
+    /// Processes scanned that map no SSL implementation (past their startup, [`YOUNG`]).
     pub processes_without_ssl: u64,
     /// Files named libssl*, or holding TLS code, whose symbol tables hold none of the
     /// functions (stripped, or another API): their processes' TLS stays ciphertext.
     pub libssl_without_symbols: u64,
-    /// Files that could not be read or attached.
+    /// Files that could not be read or attached (host-wide, or for a live process).
     pub errors: u64,
 }
 
 /// Attaches uprobes to a file; implemented by the capture stage.
 pub trait Attach {
-    /// Attaches every function of `file`; returns how many probes went on.
-    fn attach_ssl(&mut self, file: &SslFile) -> Result<usize, String>;
+    /// Attaches every function of `file`, firing in process `pid` only, or in every process
+    /// mapping the file when `pid` is None; returns how many probes went on.
+    fn attach_ssl(&mut self, file: &SslFile, pid: Option<NonZeroU32>) -> Result<usize, String>;
+    /// Detaches the uprobes attached for `pid`; returns how many there were.
+    fn detach_ssl(&mut self, pid: NonZeroU32) -> usize;
+}
+
+/// Where the uprobes fire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// In each traced process, attached for it (the default).
+    PerProcess,
+    /// In every process mapping an attached file (`--all`: everything is traced).
+    HostWide,
 }
 
 /// What a file inspected holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Holds {
-    /// SSL functions, with uprobes on them.
-    Attached,
+    /// SSL functions at these offsets (host-wide: with uprobes on them).
+    Ssl(Vec<(&'static str, u64)>),
     /// An SSL library without the symbols to probe (see [`TlsStats::libssl_without_symbols`]).
     WithoutSymbols,
-    /// No SSL, or a file that could not be read or attached.
+    /// No SSL, or a file that could not be read (or, host-wide, attached).
     Nothing,
 }
 
+/// A traced process, per-process scope.
+struct Process {
+    /// Its start time (/proc/PID/stat), to tell a reused pid from the process.
+    started: u64,
+    first_seen: Instant,
+    last_scan: Instant,
+    /// A thread of another process: its process gets the uprobes (they fire per address
+    /// space, so a thread's own would fire a second time for every call).
+    thread: bool,
+    /// Files with uprobes for it, and files whose attach failed (not retried).
+    attached: HashSet<(String, u64)>,
+    failed: HashSet<(String, u64)>,
+    /// Counted in `processes_without_ssl` (or found to have a library without symbols).
+    reported: bool,
+}
+
 /// The TLS stage's state: files inspected, processes scanned.
-#[derive(Default)]
 pub struct Tls {
+    scope: Scope,
     /// Every file inspected, by (device, inode).
     files: HashMap<(String, u64), Holds>,
+    /// Files attached in at least one process (per-process scope).
+    files_attached: HashSet<(String, u64)>,
+    /// Host-wide: processes scanned (once each).
     scanned: HashSet<u32>,
+    /// Per process: the traced processes.
+    processes: HashMap<u32, Process>,
+    /// Per process: the system's libssl(s), given to every traced process when first seen.
+    system: Vec<((String, u64), SslFile)>,
     pub stats: TlsStats,
 }
 
 impl Tls {
-    /// Attaches the system's libssl(s), whether or not a process maps them yet.
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            files: HashMap::new(),
+            files_attached: HashSet::new(),
+            scanned: HashSet::new(),
+            processes: HashMap::new(),
+            system: Vec::new(),
+            stats: TlsStats::default(),
+        }
+    }
+
+    /// Finds the system's libssl(s). Host-wide they are attached now, whether or not a process
+    /// maps them yet (Python maps it on `import ssl`); per process, each traced process gets
+    /// them when first seen, mapped yet or not (see [`Tls::scan`]).
     pub fn attach_system(&mut self, probes: &mut impl Attach) {
         for dir in SYSTEM_DIRS {
             let Ok(entries) = fs::read_dir(dir) else {
@@ -290,30 +361,121 @@ impl Tls {
                     continue;
                 };
                 let id = (dev_text(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
-                self.file(probes, id, &path, &path.display().to_string(), None);
+                let shown = path.display().to_string();
+                if let Holds::Ssl(offsets) = self.file(probes, id.clone(), &path, &shown, None)
+                    && self.scope == Scope::PerProcess
+                {
+                    self.system.push((
+                        id,
+                        SslFile {
+                            path,
+                            offsets,
+                            tls_code: false,
+                        },
+                    ));
+                }
             }
         }
     }
 
-    /// Scans processes not scanned yet; forgets those that are gone.
-    pub fn scan(&mut self, probes: &mut impl Attach, pids: &[u32]) {
+    /// Scans the traced processes `pids` as due (see the module comment); forgets those that
+    /// are gone, detaching their uprobes.
+    pub fn scan(&mut self, probes: &mut impl Attach, pids: &[u32], now: Instant) {
         let live: HashSet<u32> = pids.iter().copied().collect();
-        self.scanned.retain(|pid| live.contains(pid));
+        if self.scope == Scope::HostWide {
+            self.scanned.retain(|pid| live.contains(pid));
+            for &pid in pids {
+                if self.scanned.insert(pid) {
+                    self.scan_process(probes, pid, now);
+                }
+            }
+            return;
+        }
+        let gone: Vec<u32> = self
+            .processes
+            .keys()
+            .filter(|pid| !live.contains(pid))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.release(probes, pid, "exited or no longer traced");
+        }
         for &pid in pids {
-            if self.scanned.insert(pid) {
-                self.scan_process(probes, pid);
+            // Known processes cost nothing until their next scan is due; threads never do.
+            if let Some(known) = self.processes.get(&pid) {
+                let due = now.duration_since(known.first_seen) < YOUNG
+                    || now.duration_since(known.last_scan) >= RESCAN_EVERY;
+                if known.thread || !due {
+                    continue;
+                }
+                match start_time(pid) {
+                    None => continue, // gone; released once it leaves the traced set
+                    Some(started) if started == known.started => {
+                        if let Some(known) = self.processes.get_mut(&pid) {
+                            known.last_scan = now;
+                        }
+                        self.scan_process(probes, pid, now);
+                        continue;
+                    }
+                    Some(_) => self.release(probes, pid, "its pid was reused"),
+                }
+            }
+            let Some(started) = start_time(pid) else {
+                continue;
+            };
+            let thread = thread_group(pid).is_some_and(|tgid| tgid != pid);
+            self.processes.insert(
+                pid,
+                Process {
+                    started,
+                    first_seen: now,
+                    last_scan: now,
+                    thread,
+                    attached: HashSet::new(),
+                    failed: HashSet::new(),
+                    reported: false,
+                },
+            );
+            if !thread {
+                // Uprobes for a file the process has not mapped yet wait in the kernel and are
+                // planted when it maps it: a lazy `import ssl`, or an exec into curl, is
+                // covered from its first call.
+                for (id, file) in self.system.clone() {
+                    let shown = file.path.display().to_string();
+                    self.attach_in(probes, pid, id, &shown, &file);
+                }
+                self.scan_process(probes, pid, now);
             }
         }
     }
 
-    fn scan_process(&mut self, probes: &mut impl Attach, pid: u32) {
+    /// Detaches the uprobes of `pid` and forgets it.
+    fn release(&mut self, probes: &mut impl Attach, pid: u32, why: &str) {
+        let Some(process) = self.processes.remove(&pid) else {
+            return;
+        };
+        let Some(id) = NonZeroU32::new(pid) else {
+            return;
+        };
+        if process.attached.is_empty() && process.failed.is_empty() {
+            return;
+        }
+        let n = probes.detach_ssl(id);
+        if !process.attached.is_empty() {
+            self.stats.processes_detached += 1;
+        }
+        debug!("TLS: pid {pid} {why}: {n} uprobes detached");
+    }
+
+    fn scan_process(&mut self, probes: &mut impl Attach, pid: u32, now: Instant) {
         let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
             return; // gone already
         };
         // libssl by name, static copies in the executable and in libraries from outside the
         // distribution (a Python wheel's module); each file is read once.
         let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
-        let mut holds = Vec::new();
+        let mut with_ssl = false;
+        let mut without_symbols = false;
         for mapped in executable_files(&maps) {
             if !looks_like_libssl(&mapped.path)
                 && exe.as_deref() != Some(Path::new(&mapped.path))
@@ -322,36 +484,125 @@ impl Tls {
                 continue;
             }
             let path = PathBuf::from(format!("/proc/{pid}/root{}", mapped.path));
-            holds.push(self.file(probes, mapped.id, &path, &mapped.path, Some(pid)));
+            match self.file(probes, mapped.id.clone(), &path, &mapped.path, Some(pid)) {
+                Holds::Ssl(offsets) => {
+                    with_ssl = true;
+                    if self.scope == Scope::PerProcess {
+                        let file = SslFile {
+                            path,
+                            offsets,
+                            tls_code: false,
+                        };
+                        self.attach_in(probes, pid, mapped.id, &mapped.path, &file);
+                    }
+                }
+                Holds::WithoutSymbols => without_symbols = true,
+                Holds::Nothing => {}
+            }
         }
-        if holds.contains(&Holds::WithoutSymbols) && !holds.contains(&Holds::Attached) {
+        // Per process, a process is judged once its startup is over (it may load libssl
+        // then); host-wide it is scanned once.
+        let judged = match self.processes.get_mut(&pid) {
+            Some(process) => {
+                let due = !process.reported
+                    && (with_ssl || now.duration_since(process.first_seen) >= YOUNG);
+                process.reported |= due;
+                due
+            }
+            None => true,
+        };
+        if !judged || with_ssl {
+            return;
+        }
+        if without_symbols {
             // Logged with the file, when it was first seen.
             debug!("pid {pid}: its TLS library has no symbols to probe; its TLS stays ciphertext");
-        } else if !holds.contains(&Holds::Attached) {
-            self.stats.processes_without_ssl += 1;
-            let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            // With --all most processes have none: the first few are logged, the rest counted.
-            let level = if self.stats.processes_without_ssl <= LOGGED_WITHOUT_SSL {
-                log::Level::Info
+            return;
+        }
+        self.stats.processes_without_ssl += 1;
+        let name = comm(pid);
+        // With --all most processes have none: the first few are logged, the rest counted.
+        let level = if self.stats.processes_without_ssl <= LOGGED_WITHOUT_SSL {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "pid {pid} ({name}): no OpenSSL in it now (no libssl mapped, no SSL_read/SSL_write \
+             symbols in its executable files); its TLS stays ciphertext unless it loads a \
+             libssl later{}",
+            if self.stats.processes_without_ssl == LOGGED_WITHOUT_SSL {
+                " (further ones are counted in tracer_tls_total, logged at debug level)"
             } else {
-                log::Level::Debug
-            };
-            log::log!(
-                level,
-                "pid {pid} ({}): no OpenSSL in it now (no libssl mapped, no SSL_read/SSL_write \
-                 symbols in its executable files); its TLS stays ciphertext unless it loads an \
-                 attached libssl later{}",
-                name.trim(),
-                if self.stats.processes_without_ssl == LOGGED_WITHOUT_SSL {
-                    " (further ones are counted in tracer_tls_total, logged at debug level)"
-                } else {
-                    ""
+                ""
+            }
+        );
+    }
+
+    /// Per process: attaches `file` (mapped by `pid` as `shown`) for `pid`, once.
+    fn attach_in(
+        &mut self,
+        probes: &mut impl Attach,
+        pid: u32,
+        id: (String, u64),
+        shown: &str,
+        file: &SslFile,
+    ) {
+        let (Some(process), Some(target)) = (self.processes.get_mut(&pid), NonZeroU32::new(pid))
+        else {
+            return;
+        };
+        if process.attached.contains(&id) || process.failed.contains(&id) {
+            return;
+        }
+        match probes.attach_ssl(file, Some(target)) {
+            Ok(n) => {
+                let first = process.attached.is_empty();
+                process.attached.insert(id.clone());
+                if first {
+                    self.stats.processes_attached += 1;
                 }
-            );
+                if self.files_attached.insert(id) {
+                    self.stats.files_attached += 1;
+                }
+                let level = if self.stats.processes_attached <= LOGGED_ATTACHED {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                let names: Vec<&str> = file.offsets.iter().map(|(f, _)| *f).collect();
+                log::log!(
+                    level,
+                    "TLS: {n} uprobes on {shown} ({}) for pid {pid} ({}){}",
+                    names.join(", "),
+                    comm(pid),
+                    if self.stats.processes_attached == LOGGED_ATTACHED && first {
+                        " (further processes are counted in tracer_tls_total \
+                         {event=\"processes_attached\"}, logged at debug level)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Err(err) => {
+                process.failed.insert(id);
+                // A process that exited meanwhile is no failure.
+                if start_time(pid) != Some(process.started) {
+                    debug!("TLS: pid {pid} exited before its uprobes on {shown} went on: {err}");
+                    return;
+                }
+                self.stats.errors += 1;
+                warn!(
+                    "TLS: attaching uprobes to {shown} for pid {pid} ({}) failed: {err}; its TLS \
+                     through that file stays ciphertext",
+                    comm(pid)
+                );
+            }
         }
     }
 
-    /// Inspects (once) and attaches the file, `shown` as `pid` maps it.
+    /// Inspects (once) the file, `shown` as `pid` maps it; host-wide, attaches it.
     fn file(
         &mut self,
         probes: &mut impl Attach,
@@ -360,21 +611,45 @@ impl Tls {
         shown: &str,
         pid: Option<u32>,
     ) -> Holds {
-        if let Some(&known) = self.files.get(&id) {
-            return known;
+        if let Some(known) = self.files.get(&id) {
+            return known.clone();
         }
-        let holds = self.inspect_and_attach(probes, path, shown, pid);
-        self.files.insert(id, holds);
+        let holds = self.inspect(path, shown, pid);
+        let holds = match holds {
+            Holds::Ssl(offsets) if self.scope == Scope::HostWide => {
+                let file = SslFile {
+                    path: path.to_owned(),
+                    offsets,
+                    tls_code: false,
+                };
+                self.attach_host_wide(probes, &file, shown)
+            }
+            holds => holds,
+        };
+        self.files.insert(id, holds.clone());
         holds
     }
 
-    fn inspect_and_attach(
-        &mut self,
-        probes: &mut impl Attach,
-        path: &Path,
-        shown: &str,
-        pid: Option<u32>,
-    ) -> Holds {
+    fn attach_host_wide(&mut self, probes: &mut impl Attach, file: &SslFile, shown: &str) -> Holds {
+        match probes.attach_ssl(file, None) {
+            Ok(n) => {
+                self.stats.files_attached += 1;
+                let names: Vec<&str> = file.offsets.iter().map(|(f, _)| *f).collect();
+                info!(
+                    "TLS: {n} uprobes on {shown} ({}), host-wide",
+                    names.join(", ")
+                );
+                Holds::Ssl(file.offsets.clone())
+            }
+            Err(err) => {
+                self.stats.errors += 1;
+                warn!("TLS: attaching uprobes to {shown} failed: {err}");
+                Holds::Nothing
+            }
+        }
+    }
+
+    fn inspect(&mut self, path: &Path, shown: &str, pid: Option<u32>) -> Holds {
         let found = match inspect(path) {
             Ok(file) => file,
             Err(err) => {
@@ -387,41 +662,56 @@ impl Tls {
                 return Holds::Nothing;
             }
         };
-        if found.offsets.is_empty() {
-            if !looks_like_libssl(shown) && !found.tls_code {
-                return Holds::Nothing;
-            }
-            self.stats.libssl_without_symbols += 1;
-            let of_pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-            if found.tls_code && !looks_like_libssl(shown) {
-                warn!(
-                    "TLS: {shown}{of_pid} holds a TLS library without SSL_read/SSL_write \
-                     symbols (a stripped static copy, like grpcio's BoringSSL, or another \
-                     API); uprobes cannot find it, so the TLS of processes using it stays \
-                     ciphertext and gets no spans"
-                );
-            } else {
-                warn!(
-                    "TLS: {shown}{of_pid} has no SSL_read/SSL_write symbols (stripped?); the \
-                     TLS of processes using it stays ciphertext"
-                );
-            }
-            return Holds::WithoutSymbols;
+        if !found.offsets.is_empty() {
+            return Holds::Ssl(found.offsets);
         }
-        match probes.attach_ssl(&found) {
-            Ok(n) => {
-                self.stats.files_attached += 1;
-                let names: Vec<&str> = found.offsets.iter().map(|(f, _)| *f).collect();
-                info!("TLS: {n} uprobes on {shown} ({})", names.join(", "));
-                Holds::Attached
-            }
-            Err(err) => {
-                self.stats.errors += 1;
-                warn!("TLS: attaching uprobes to {shown} failed: {err}");
-                Holds::Nothing
-            }
+        if !looks_like_libssl(shown) && !found.tls_code {
+            return Holds::Nothing;
         }
+        self.stats.libssl_without_symbols += 1;
+        let of_pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+        if found.tls_code && !looks_like_libssl(shown) {
+            warn!(
+                "TLS: {shown}{of_pid} holds a TLS library without SSL_read/SSL_write \
+                 symbols (a stripped static copy, like grpcio's BoringSSL, or another \
+                 API); uprobes cannot find it, so the TLS of processes using it stays \
+                 ciphertext and gets no spans"
+            );
+        } else {
+            warn!(
+                "TLS: {shown}{of_pid} has no SSL_read/SSL_write symbols (stripped?); the \
+                 TLS of processes using it stays ciphertext"
+            );
+        }
+        Holds::WithoutSymbols
     }
+}
+
+/// The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None
+/// when it is gone.
+fn start_time(pid: u32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold anything: count from after it.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The process `tid` belongs to (Tgid in /proc/TID/status).
+fn thread_group(tid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))
+        .and_then(|tgid| tgid.trim().parse().ok())
+}
+
+fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The device as /proc/PID/maps writes it (`major:minor`, hex), so ids from both agree.
@@ -470,6 +760,18 @@ mod tests {
             "\u{0}\u{1}",
         ] {
             assert!(executable_files(text).is_empty(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn start_time_is_field_22_whatever_the_command_name() {
+        let stat = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 10 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987_654));
+        let own = start_time(std::process::id());
+        assert!(own.is_some_and(|t| t > 0), "{own:?}");
+        for text in ["", ")", "1 (x) S 1 2", "1 (x", "\u{0})\u{1}"] {
+            assert_eq!(parse_start_time(text), None, "{text:?}");
         }
     }
 

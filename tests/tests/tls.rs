@@ -66,6 +66,11 @@ server.serve_forever()
 /// Starts the HTTPS server as `python3 -u <dir>/<script_name> <dir> <dir>/hello.txt` (a script
 /// file, so `--exe` can select it by name). Returns it and its port.
 fn https_server(dir: &TempDir, script_name: &str) -> (Peer, u16) {
+    https_server_with(dir, script_name, &[])
+}
+
+/// [`https_server`] with more environment variables.
+fn https_server_with(dir: &TempDir, script_name: &str, env: &[(&str, &Path)]) -> (Peer, u16) {
     fs::write(dir.path().join("hello.txt"), BODY).expect("write hello.txt");
     let script = dir.path().join(script_name);
     fs::write(&script, HTTPS_SERVER).expect("write the server script");
@@ -73,7 +78,8 @@ fn https_server(dir: &TempDir, script_name: &str) -> (Peer, u16) {
     cmd.arg("-u")
         .arg(&script)
         .arg(dir.path())
-        .arg(dir.path().join("hello.txt"));
+        .arg(dir.path().join("hello.txt"))
+        .envs(env.iter().copied());
     let mut server = Peer::spawn("https server", cmd);
     let port: u16 = server.expect_num("port");
     wait_for_listen(port);
@@ -312,8 +318,9 @@ fn dump_shows_plaintext_and_no_ciphertext() {
 }
 
 /// A server that starts after the agent (selected by `--exe`, by its script's name) is traced
-/// over TLS from its first request: the uprobes on the system libssl cover every process that
-/// maps it.
+/// over TLS: the agent gives it uprobes of its own within 100 ms of its exec, which the test
+/// waits for (`processes_attached`) before its request, as a user would wait for the
+/// agent's log line.
 #[test]
 fn https_server_started_after_the_agent_is_traced() {
     if skip_without_libssl() {
@@ -325,6 +332,11 @@ fn https_server_started_after_the_agent_is_traced() {
     certificate(dir.path());
     let (server, port) = https_server(&dir, "late_tls_server.py");
     let spid = server.pid();
+    agent.wait_metric(
+        "tracer_tls_total{event=\"processes_attached\"}",
+        1.0,
+        STEP_TIMEOUT,
+    );
     let mut curl = curl(&[format!("https://127.0.0.1:{port}/hello")]);
     curl.send("go");
     curl_ok(&mut curl, 1);
@@ -353,6 +365,124 @@ fn https_server_started_after_the_agent_is_traced() {
         );
     }
     checks.finish(&summaries(&spans));
+}
+
+/// An untraced Python HTTPS client, using the same libssl and talking to it.
+const UNTRACED_CLIENT: &str = r#"
+import ssl, sys, urllib.request
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(3):
+    urllib.request.urlopen("https://127.0.0.1:%s/hello" % sys.argv[1], context=ctx).read()
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+
+/// The byte at file offset `offset` of the `libssl.so.3` that process `pid` maps executable,
+/// read from its memory (None when it maps none there).
+fn libssl_byte(pid: u32, offset: u64) -> Option<u8> {
+    use std::os::unix::fs::FileExt as _;
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let address = maps.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [range, perms, file_offset, _, _, path] = fields[..] else {
+            return None;
+        };
+        if !perms.contains('x') || !path.ends_with("/libssl.so.3") {
+            return None;
+        }
+        let (start, end) = range.split_once('-')?;
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        let file_offset = u64::from_str_radix(file_offset, 16).ok()?;
+        (file_offset..file_offset + (end - start))
+            .contains(&offset)
+            .then(|| start + offset - file_offset)
+    })?;
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut byte = [0u8];
+    mem.read_exact_at(&mut byte, address).ok()?;
+    Some(byte[0])
+}
+
+/// Uprobes go into the traced processes only: the kernel's breakpoint (int3, 0xcc) is at the
+/// entry of every SSL function in the traced server's memory and in none of an untraced client
+/// that uses the same libssl and talks to that server; only the server is counted in
+/// `processes_attached`, and its uprobes are detached when it exits. Both use a private copy
+/// of libssl (LD_LIBRARY_PATH), so other agents on the machine, whose host-wide uprobes are
+/// on the system's, cannot put a breakpoint in the client.
+#[test]
+fn untraced_processes_using_the_same_libssl_get_no_uprobe() {
+    if skip_without_libssl() {
+        return;
+    }
+    let dir = TempDir::new("tls");
+    certificate(dir.path());
+    let libs = dir.path().join("lib");
+    fs::create_dir(&libs).expect("mkdir lib");
+    fs::copy(LIBSSL, libs.join("libssl.so.3")).expect("copy libssl");
+    let env = [("LD_LIBRARY_PATH", libs.as_path())];
+    let (server, port) = https_server_with(&dir, "https_server.py", &env);
+    let spid = server.pid();
+    let mut agent = Agent::start(&["--pid", &spid.to_string()]);
+    agent.wait_metric(
+        "tracer_tls_total{event=\"processes_attached\"}",
+        1.0,
+        STEP_TIMEOUT,
+    );
+    let mut client = Peer::spawn("untraced https client", {
+        let mut cmd = Command::new(python());
+        cmd.args(["-u", "-c", UNTRACED_CLIENT])
+            .arg(port.to_string())
+            .envs(env);
+        cmd
+    });
+    let cpid = client.pid();
+    client.expect("ready");
+    client.send("go");
+    client.expect("done");
+    // Past the agent's next scans: a wrong agent would have had time to attach to the client.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let data = fs::read(libs.join("libssl.so.3")).expect("read the libssl copy");
+    let offsets = tracer_agent::tls::ssl_offsets(&data).expect("libssl parses");
+    let mut checks = Checks::default();
+    check(&mut checks, "functions found", offsets.len(), 4);
+    for (function, offset) in &offsets {
+        let traced = libssl_byte(spid, *offset);
+        let untraced = libssl_byte(cpid, *offset);
+        checks.add(
+            (traced != Some(0xcc))
+                .then(|| format!("{function} in the traced server: {traced:x?}, not int3")),
+        );
+        checks.add((untraced.is_none() || untraced == Some(0xcc)).then(|| {
+            format!("{function} in the untraced client: {untraced:x?}, not the original code")
+        }));
+    }
+    check(
+        &mut checks,
+        "processes_attached",
+        agent.metric("tracer_tls_total{event=\"processes_attached\"}"),
+        1.0,
+    );
+    check(
+        &mut checks,
+        "errors",
+        agent.metric("tracer_tls_total{event=\"errors\"}"),
+        0.0,
+    );
+    drop(server);
+    let detached = wait_until(STEP_TIMEOUT, || {
+        agent.metric_or_zero("tracer_tls_total{event=\"processes_detached\"}") >= 1.0
+    });
+    checks.add((!detached).then(|| "the server's uprobes were not detached on exit".to_owned()));
+    client.finish();
+    let stderr = agent.stderr_text();
+    agent.stop_ok();
+    checks.finish(&format!("--- agent stderr ---\n{stderr}"));
 }
 
 /// A traced process with no OpenSSL in it, and one that maps a "libssl" without SSL symbols

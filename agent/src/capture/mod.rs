@@ -8,6 +8,7 @@ pub mod privileges;
 
 use std::{
     fs, io,
+    num::NonZeroU32,
     os::fd::{AsFd, AsRawFd},
     path::Path,
     ptr::NonNull,
@@ -23,7 +24,7 @@ use aya::{
     programs::{
         TracePoint, UProbe,
         trace_point::TracePointLinkId,
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use log::{debug, info, warn};
@@ -110,8 +111,9 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Every attachment, by program name, for `detach`.
     links: Vec<(String, TracePointLinkId)>,
-    /// The TLS uprobes (see `crate::tls`), by program name, for `detach`.
-    uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    /// The TLS uprobes (see `crate::tls`), by program name and the process they fire in
+    /// (None: host-wide), for `detach` and `detach_ssl`.
+    uprobe_links: Vec<(&'static str, Option<NonZeroU32>, UProbeLinkId)>,
     /// Whether the TLS uprobe programs are loaded into the kernel (on first use).
     uprobes_loaded: bool,
     /// Kernel log lines; must be kept alive (dropping it breaks later loads) and flushed.
@@ -581,13 +583,9 @@ impl Probes {
             }
         }
         let mut taken_uprobes = Vec::new();
-        for (name, link) in self.uprobe_links.drain(..) {
-            let program: Option<&mut UProbe> =
-                self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
-            match program.map(|p| p.take_link(link)) {
-                Some(Ok(link)) => taken_uprobes.push(link),
-                Some(Err(err)) => warn!("detaching {name}: {err}"),
-                None => warn!("detaching {name}: program not found"),
+        for (name, _, link) in std::mem::take(&mut self.uprobe_links) {
+            if let Some(link) = self.take_uprobe_link(name, link) {
+                taken_uprobes.push(link);
             }
         }
         std::thread::scope(|scope| {
@@ -598,6 +596,22 @@ impl Probes {
                 scope.spawn(move || drop(link));
             }
         });
+    }
+
+    fn take_uprobe_link(&mut self, name: &str, link: UProbeLinkId) -> Option<UProbeLink> {
+        let program: Option<&mut UProbe> =
+            self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+        match program.map(|p| p.take_link(link)) {
+            Some(Ok(link)) => Some(link),
+            Some(Err(err)) => {
+                warn!("detaching {name}: {err}");
+                None
+            }
+            None => {
+                warn!("detaching {name}: program not found");
+                None
+            }
+        }
     }
 
     fn uprobe(&mut self, name: &str) -> Result<&mut UProbe, String> {
@@ -617,9 +631,14 @@ impl Probes {
 }
 
 impl crate::tls::Attach for Probes {
-    /// Host-wide uprobes on each function's entry and return: the kernel fires them in every
-    /// process that maps the file, and the programs keep the traced ones.
-    fn attach_ssl(&mut self, file: &crate::tls::SslFile) -> Result<usize, String> {
+    /// Uprobes on each function's entry and return. With a pid the kernel plants them in that
+    /// process's address space only (all its threads); without, in every process that maps
+    /// the file, and the programs keep the traced ones.
+    fn attach_ssl(
+        &mut self,
+        file: &crate::tls::SslFile,
+        pid: Option<NonZeroU32>,
+    ) -> Result<usize, String> {
         use crate::tls::{FUNCTIONS, RETURN_PROGRAM};
         if !self.uprobes_loaded {
             for name in FUNCTIONS.iter().map(|(_, p)| *p).chain([RETURN_PROGRAM]) {
@@ -640,14 +659,45 @@ impl crate::tls::Attach for Probes {
                     .attach(
                         UProbeAttachLocation::AbsoluteOffset(offset),
                         &file.path,
-                        UProbeScope::AllProcesses,
+                        pid.map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess),
                     )
                     .map_err(|err| format!("{program} on {function}: {err}"))?;
-                self.uprobe_links.push((program, link));
+                self.uprobe_links.push((program, pid, link));
                 attached += 1;
             }
         }
         self.attached += attached;
         Ok(attached)
+    }
+
+    /// Detaches on a thread of their own: each detach waits for the kernel's RCU grace
+    /// periods (tens of ms), which the event loop must not.
+    fn detach_ssl(&mut self, pid: NonZeroU32) -> usize {
+        let (mine, others) = std::mem::take(&mut self.uprobe_links)
+            .into_iter()
+            .partition(|(_, owner, _)| *owner == Some(pid));
+        self.uprobe_links = others;
+        let mut taken: Vec<UProbeLink> = Vec::new();
+        for (name, _, link) in mine {
+            taken.extend(self.take_uprobe_link(name, link));
+        }
+        let n = taken.len();
+        self.attached = self.attached.saturating_sub(n);
+        if n > 0 {
+            let spawned = std::thread::Builder::new()
+                .name("uprobe-detach".into())
+                .spawn(move || {
+                    std::thread::scope(|scope| {
+                        for link in taken {
+                            scope.spawn(move || drop(link));
+                        }
+                    })
+                });
+            if let Err(err) = spawned {
+                // The links went with the closure: detached in line.
+                warn!("starting a thread to detach the uprobes of pid {pid} failed: {err}");
+            }
+        }
+        n
     }
 }

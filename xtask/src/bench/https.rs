@@ -1,8 +1,8 @@
 //! The HTTPS part of `cargo xtask bench` (`--only https`): what the TLS uprobes cost per
 //! request. nginx terminates TLS (master + one worker, keep-alive, a small static file written
 //! with write()) under `wrk` over https, in three configurations interleaved round by round as
-//! in part C: no agent; the agent tracing an idle process (the uprobes on the system libssl
-//! are attached and fire in nginx and in wrk, which link it, but keep nothing); the agent
+//! in part C: no agent; the agent tracing an idle process (which gets uprobes on the system
+//! libssl; nginx and wrk, untraced, get none, though they link the same libssl); the agent
 //! tracing nginx and exporting every span over OTLP/HTTP to the bench's sink.
 use std::{
     fmt::Write as _,
@@ -169,8 +169,8 @@ fn report(bench: &Bench, f: &Figures, rounds: u32, elapsed: Duration, load: &str
         "nginx {}: master + {NGINX_WORKERS} worker, TLS 1.3 with a self-signed RSA 2048 \
          certificate, a {NGINX_FILE_BYTES} B static file (`sendfile off`: the body goes through \
          SSL_write) over keep-alive connections (up to 1,000 requests each), access_log off. \
-         wrk links the same libssl as nginx, so the uprobes fire in wrk too: with the agent \
-         running, both ends of every request pay for them.",
+         The agent's uprobes go into the processes it traces only: wrk, which links the same \
+         libssl, never pays for them, nor does nginx unless traced.",
         nginx_version()
     ));
     line(String::new());
