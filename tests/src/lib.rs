@@ -1194,6 +1194,60 @@ pub fn wait_for_listen(port: u16) {
     );
 }
 
+/// A loopback port free a moment ago (bound, noted, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// nginx (one worker) on a free loopback port, proxying every request in plaintext to
+/// `127.0.0.1:backend`, with its configuration, pid and temporary files in `dir`. `listen` is
+/// appended to the listen address and `server` goes into the server block (TLS: `ssl` and the
+/// certificate lines). Returns nginx and its port once it listens and its worker exists, so
+/// that an agent started next traces the worker as the master's child.
+pub fn nginx_proxy(dir: &Path, backend: u16, listen: &str, server: &str) -> (Peer, u16) {
+    let port = free_port();
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\n\
+         daemon off;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n\
+           access_log off;\n\
+           client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n\
+           uwsgi_temp_path {d}/uwsgi;\n\
+           scgi_temp_path {d}/scgi;\n\
+           server {{\n\
+             listen 127.0.0.1:{port}{listen};\n\
+             {server}\n\
+             location / {{ proxy_pass http://127.0.0.1:{backend}; }}\n\
+           }}\n\
+         }}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    fs::write(&conf_path, conf).expect("write nginx.conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir);
+    let nginx = Peer::spawn("nginx", cmd);
+    wait_for_listen(port);
+    let pid = nginx.pid();
+    let has_worker = || {
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .is_ok_and(|c| !c.trim().is_empty())
+    };
+    assert!(
+        wait_until(STEP_TIMEOUT, has_worker),
+        "nginx started no worker"
+    );
+    (nginx, port)
+}
+
 /// Counts data events by (conn, direction), for messages.
 pub fn data_summary(events: &Events) -> String {
     let mut counts: BTreeMap<(u64, &str), (usize, u64)> = BTreeMap::new();

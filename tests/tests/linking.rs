@@ -20,9 +20,9 @@ use std::{
 };
 
 use tracer_e2e::{
-    Agent, Peer, TempDir,
+    Agent, Peer, TempDir, nginx_proxy,
     otlp_receiver::{KIND_CLIENT, KIND_SERVER, Protocol, ReceivedSpan, Receiver},
-    python, venv_python, wait_for_listen, wait_until,
+    python, venv_python, wait_for_listen,
 };
 
 const SPAN_WAIT: Duration = Duration::from_secs(60);
@@ -114,13 +114,6 @@ struct Topology {
     port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 impl Topology {
     fn start(middle_env: &[(&str, &str)], sdk: bool) -> Self {
         let dir = TempDir::new("linking");
@@ -148,38 +141,7 @@ impl Topology {
         let middle_port: u16 = middle.expect_num("port");
         wait_for_listen(middle_port);
 
-        let port = free_port();
-        let d = dir.path().display();
-        let conf = format!(
-            "worker_processes 1;\n\
-             daemon off;\n\
-             pid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n\
-               access_log off;\n\
-               client_body_temp_path {d}/body;\n\
-               proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n\
-               uwsgi_temp_path {d}/uwsgi;\n\
-               scgi_temp_path {d}/scgi;\n\
-               server {{\n\
-                 listen 127.0.0.1:{port};\n\
-                 location / {{ proxy_pass http://127.0.0.1:{middle_port}; }}\n\
-               }}\n\
-             }}\n"
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        fs::write(&conf_path, conf).expect("write nginx.conf");
-        let mut cmd = Command::new("nginx");
-        cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir.path());
-        let nginx = Peer::spawn("nginx", cmd);
-        wait_for_listen(port);
-        // The worker must exist before the agent starts, so that it is traced as a child.
-        assert!(
-            wait_until(Duration::from_secs(10), || children(nginx.pid()) > 0),
-            "nginx started no worker"
-        );
+        let (nginx, port) = nginx_proxy(dir.path(), middle_port, "", "");
 
         let driver = Peer::python("driver", DRIVER, &[]);
         Self {
@@ -226,12 +188,6 @@ impl Topology {
         let status = self.driver.expect("done");
         assert_eq!(status, "0", "curl failed: the topology itself is broken");
     }
-}
-
-fn children(pid: u32) -> usize {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .map(|c| c.split_whitespace().count())
-        .unwrap_or(0)
 }
 
 /// Where a span sits in the true call graph.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use tracer_e2e::{
-    Agent, Checks, Peer, STEP_TIMEOUT, TempDir,
+    Agent, Checks, Peer, STEP_TIMEOUT, TempDir, nginx_proxy,
     otlp_receiver::{KIND_CLIENT, KIND_SERVER, Protocol, ReceivedSpan, Receiver, summaries},
     python, wait_for_listen, wait_until,
 };
@@ -579,55 +579,17 @@ fn processes_without_openssl_are_logged_and_counted() {
     ));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// nginx terminating TLS on a free port and proxying to `backend` in plaintext, one worker
 /// (started before it returns, so the agent traces it as the master's child). Returns nginx
 /// and its port.
 fn nginx_tls_proxy(dir: &TempDir, backend: u16) -> (Peer, u16) {
-    let port = free_port();
     let d = dir.path().display();
-    let conf = format!(
-        "worker_processes 1;\n\
-         daemon off;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n\
-           access_log off;\n\
-           client_body_temp_path {d}/body;\n\
-           proxy_temp_path {d}/proxy;\n\
-           fastcgi_temp_path {d}/fastcgi;\n\
-           uwsgi_temp_path {d}/uwsgi;\n\
-           scgi_temp_path {d}/scgi;\n\
-           server {{\n\
-             listen 127.0.0.1:{port} ssl;\n\
-             ssl_certificate {d}/cert.pem;\n\
-             ssl_certificate_key {d}/key.pem;\n\
-             location / {{ proxy_pass http://127.0.0.1:{backend}; }}\n\
-           }}\n\
-         }}\n"
-    );
-    let conf_path = dir.path().join("nginx.conf");
-    fs::write(&conf_path, conf).expect("write nginx.conf");
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir.path());
-    let nginx = Peer::spawn("nginx", cmd);
-    wait_for_listen(port);
-    let has_worker = || {
-        fs::read_to_string(format!("/proc/{0}/task/{0}/children", nginx.pid()))
-            .is_ok_and(|c| !c.trim().is_empty())
-    };
-    assert!(
-        wait_until(STEP_TIMEOUT, has_worker),
-        "nginx started no worker"
-    );
-    (nginx, port)
+    nginx_proxy(
+        dir.path(),
+        backend,
+        " ssl",
+        &format!("ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;"),
+    )
 }
 
 /// curl -> nginx (TLS) -> python http.server (plaintext), nginx and the backend traced: per
