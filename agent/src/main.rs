@@ -177,9 +177,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Last, once every exit probe is attached and the selection is in the traced set.
     let blocked = probes.targets.clone();
-    metrics
-        .syscalls_adopted
-        .inc_by(probes.adopt_blocked(&blocked) as u64);
+    let (adopted, failed) = probes.adopt_blocked(&blocked);
+    metrics.syscalls_adopted.inc_by(adopted);
+    metrics.syscalls_adopt_failed.inc_by(failed);
     metrics.probes_attached.set(probes.attached as u64);
     metrics.set_ready(true, "all probes attached");
 

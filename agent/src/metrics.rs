@@ -279,6 +279,9 @@ pub struct Metrics {
     /// `tracer_syscalls_adopted_total`: socket syscalls a thread was already blocked in when
     /// the probes were attached, whose data is captured nonetheless.
     pub syscalls_adopted: Counter,
+    /// `tracer_syscalls_adopt_failed_total`: threads that may be blocked in such a syscall but
+    /// could not be read or adopted; their data is missed.
+    pub syscalls_adopt_failed: Counter,
     /// `tracer_stream_pending_bytes`: bytes held in reassembly buffers.
     pub stream_pending_bytes: CountGauge,
     /// `tracer_spans_created_total`: spans the pipeline built (before sampling).
@@ -469,6 +472,13 @@ impl Metrics {
              accept), adopted so that their data is captured",
             syscalls_adopted.clone(),
         );
+        let syscalls_adopt_failed = Counter::default();
+        registry.register(
+            "syscalls_adopt_failed",
+            "Threads possibly blocked in a socket syscall when the probes were attached that could \
+             not be read (/proc permission) or adopted (map full): the data of those calls is missed",
+            syscalls_adopt_failed.clone(),
+        );
         let stream_pending_bytes = CountGauge::default();
         registry.register(
             "stream_pending_bytes",
@@ -548,6 +558,7 @@ impl Metrics {
             processes_traced,
             probes_attached,
             syscalls_adopted,
+            syscalls_adopt_failed,
             stream_pending_bytes,
             kernel_lost_events,
             kernel_lost_bytes,

@@ -20,7 +20,8 @@ const MAX_FRAME: usize = 16_384;
 pub const DEFAULT_TABLE_SIZE: usize = 4096;
 const ENTRY_OVERHEAD: usize = 32;
 
-/// RFC 7541 Appendix A: index 1 is the first entry.
+/// RFC 7541 Appendix A: index 1 is the first entry. A copy of its own, not the decoder's: a
+/// wrong entry in the decoder's table would otherwise decode "exactly" to the oracle too.
 pub const STATIC_TABLE: [(&str, &str); 61] = [
     (":authority", ""),
     (":method", "GET"),

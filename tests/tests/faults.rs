@@ -356,77 +356,6 @@ fn collector_answering_503_then_200_gets_every_span_once_and_errors_are_counted(
     assert_eq!(collector.requests_answered(400), 0, "undecodable requests");
 }
 
-/// The outage: the collector away (refusing, Retry-After 1 s) while steady traffic
-/// makes more spans than the queue holds. The queue keeps the first spans up to its bound,
-/// every later span is a counted `queue_full` drop, and once the collector answers again the
-/// kept spans are delivered, once each, without a restart: spans received plus spans counted
-/// as dropped is exactly the number of requests.
-#[test]
-fn collector_away_under_steady_traffic_keeps_the_queue_bound_then_counts_drops_and_recovers() {
-    const QUEUE: usize = 10;
-    const COUNT: usize = 40;
-    let (server, port, _www) = http_server();
-    let collector = FakeCollector::start(Answer::Status(503));
-    let mut agent = start_agent_to(
-        &collector,
-        server.pid(),
-        &[("OTEL_BSP_MAX_QUEUE_SIZE", "10")],
-    );
-    // Steady traffic: a request every 50 ms for 2 s, the collector refusing throughout.
-    assert_eq!(
-        run_client(port, COUNT, 0.05).0,
-        COUNT,
-        "the server must answer"
-    );
-    agent.wait_metric("tracer_spans_created_total", COUNT as f64, SPAN_WAIT);
-    agent.wait_metric(&dropped("queue_full"), (COUNT - QUEUE) as f64, SPAN_WAIT);
-    assert_eq!(
-        agent.metric("tracer_export_queue_length"),
-        QUEUE as f64,
-        "the queue holds its bound while the collector is away\n{}",
-        collector.report()
-    );
-    agent.assert_running();
-    assert_eq!(agent.readyz(), 200, "readyz during the outage");
-
-    collector.set(Answer::Ok);
-    let ok = wait_until(SPAN_WAIT, || {
-        agent.metric("tracer_spans_exported_total") >= QUEUE as f64
-    });
-    assert!(
-        ok,
-        "kept spans not delivered after recovery\n{}",
-        collector.report()
-    );
-    // A request after recovery goes straight through.
-    assert_eq!(run_client(port, 1, 0.0).0, 1);
-    agent.wait_metric("tracer_spans_exported_total", (QUEUE + 1) as f64, SPAN_WAIT);
-    let queue_full = agent.metric(&dropped("queue_full"));
-    let drops = total_dropped(&agent);
-    let exported = agent.metric("tracer_spans_exported_total");
-    agent.stop_ok();
-
-    let delivered = collector.spans_answered(200);
-    // The first QUEUE requests were kept (a full queue refuses the newest span), then the one
-    // after recovery, whose client numbers it 1 again.
-    let mut want = one_to(QUEUE);
-    want.insert(0, 1);
-    assert_eq!(
-        numbers(&delivered),
-        want,
-        "spans delivered (each once)\n{}",
-        collector.report()
-    );
-    assert_eq!(exported, (QUEUE + 1) as f64);
-    assert_eq!(queue_full, (COUNT - QUEUE) as f64);
-    assert_eq!(drops, queue_full, "no other drop reason");
-    assert_eq!(
-        delivered.len() as f64 + drops,
-        (COUNT + 1) as f64,
-        "every span is delivered or counted as dropped"
-    );
-}
-
 #[test]
 fn collector_answering_500_drops_the_batch_and_counts_exactly_what_it_refused() {
     // 500 is final in OTLP/HTTP: no retry, the spans of the refused request are dropped and
@@ -862,6 +791,7 @@ fn a_read_already_blocked_when_the_agent_starts_is_captured() {
         spans.iter().any(|s| s.str("url.query") == Some("n=2"))
     });
     let adopted = agent.metric("tracer_syscalls_adopted_total");
+    let failed = agent.metric("tracer_syscalls_adopt_failed_total");
     agent.stop_ok();
     let spans = receiver.spans();
     let second: Vec<&ReceivedSpan> = spans
@@ -877,6 +807,7 @@ fn a_read_already_blocked_when_the_agent_starts_is_captured() {
         summaries(&spans)
     );
     assert!(adopted >= 1.0, "tracer_syscalls_adopted_total = {adopted}");
+    assert_eq!(failed, 0.0, "tracer_syscalls_adopt_failed_total");
 }
 
 /// An untraced client looping until told to stop: every 50 ms one GET on its one keep-alive

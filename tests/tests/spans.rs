@@ -1168,6 +1168,8 @@ fn tiny_queue_while_collector_down_keeps_the_first_spans_and_counts_the_rest() {
         QUEUE as f64,
         "spans held while down"
     );
+    agent.assert_running();
+    assert_eq!(agent.readyz(), 200, "readyz while the collector is down");
 
     let receiver = Receiver::start_on(Protocol::HttpProtobuf, addr);
     receiver.wait_spans(
@@ -1177,10 +1179,18 @@ fn tiny_queue_while_collector_down_keeps_the_first_spans_and_counts_the_rest() {
     );
     // The receiver holds the spans a moment before the agent has counted the reply.
     agent.wait_metric("tracer_spans_exported_total", QUEUE as f64, SPAN_WAIT);
+    // Recovered without a restart: a request now goes straight through (its curl numbers it
+    // n=1 again).
+    requests(port, 1);
+    agent.wait_metric("tracer_spans_exported_total", (QUEUE + 1) as f64, SPAN_WAIT);
     let metrics = agent.metrics();
     agent.stop_ok();
     let spans = receiver.spans();
-    let want: Vec<String> = (1..=QUEUE).map(|n| format!("n={n}")).collect();
+    let want: Vec<String> = [1]
+        .into_iter()
+        .chain(1..=QUEUE)
+        .map(|n| format!("n={n}"))
+        .collect();
     let mut checks = Checks::default();
     check(
         &mut checks,
@@ -1198,7 +1208,23 @@ fn tiny_queue_while_collector_down_keeps_the_first_spans_and_counts_the_rest() {
         &mut checks,
         "tracer_spans_exported_total",
         metric_value(&metrics, "tracer_spans_exported_total"),
-        Some(QUEUE as f64),
+        Some((QUEUE + 1) as f64),
+    );
+    // Every span is delivered or counted as dropped, and queue_full is the only reason.
+    let all_dropped: f64 = ["queue_full", "export_failed", "shutdown", "sampled_out"]
+        .iter()
+        .filter_map(|reason| {
+            metric_value(
+                &metrics,
+                &format!(r#"tracer_spans_dropped_total{{reason="{reason}"}}"#),
+            )
+        })
+        .sum();
+    check(
+        &mut checks,
+        "spans delivered + dropped",
+        spans.len() as f64 + all_dropped,
+        (COUNT + 1) as f64,
     );
     checks.finish(&context(&spans));
 }

@@ -56,13 +56,26 @@ pub fn parse(line: &str, now_ns: u64) -> Option<Inflight> {
     })
 }
 
-/// Threads of `pid` blocked in a followed syscall now, keyed as the probes key them
-/// (`tgid << 32 | tid`). Unreadable tasks (exited, or not ours to read) are skipped.
-pub fn scan(pid: u32, now_ns: u64) -> Vec<(u64, Inflight)> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
+/// What a scan found: threads blocked in a followed syscall, keyed as the probes key them
+/// (`tgid << 32 | tid`), and how many threads could not be looked at for want of permission
+/// (reading another user's `syscall` file takes CAP_SYS_PTRACE). Threads that exited during
+/// the scan are simply not there.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub found: Vec<(u64, Inflight)>,
+    pub denied: usize,
+}
+
+/// The threads of `pid` blocked in a followed syscall now.
+pub fn scan(pid: u32, now_ns: u64) -> Scan {
+    let mut scan = Scan::default();
+    let tasks = match fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks,
+        Err(err) => {
+            scan.denied += usize::from(err.kind() == std::io::ErrorKind::PermissionDenied);
+            return scan;
+        }
     };
-    let mut found = Vec::new();
     for task in tasks.flatten() {
         let Some(tid) = task
             .file_name()
@@ -71,14 +84,19 @@ pub fn scan(pid: u32, now_ns: u64) -> Vec<(u64, Inflight)> {
         else {
             continue;
         };
-        let Ok(line) = fs::read_to_string(task.path().join("syscall")) else {
-            continue;
+        let line = match fs::read_to_string(task.path().join("syscall")) {
+            Ok(line) => line,
+            Err(err) => {
+                scan.denied += usize::from(err.kind() == std::io::ErrorKind::PermissionDenied);
+                continue;
+            }
         };
         if let Some(inflight) = parse(&line, now_ns) {
-            found.push(((u64::from(pid) << 32) | u64::from(tid), inflight));
+            scan.found
+                .push(((u64::from(pid) << 32) | u64::from(tid), inflight));
         }
     }
-    found
+    scan
 }
 
 #[cfg(test)]
@@ -143,6 +161,7 @@ mod tests {
         let mut found = Vec::new();
         for _ in 0..500 {
             found = scan(std::process::id(), 0)
+                .found
                 .into_iter()
                 .filter(|(_, i)| i.fd == fd && i.count == 8)
                 .collect();

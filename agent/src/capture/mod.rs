@@ -519,16 +519,27 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 impl Probes {
     /// Adopts the socket syscalls that threads of `pids` are blocked in now, so that what they
     /// return is captured (see `blocked`). Call after attaching, once the pids are traced.
-    pub fn adopt_blocked(&mut self, pids: &[u32]) -> usize {
+    /// Returns (adopted, failed): failed are threads that could not be read and records the
+    /// map refused; their data will be missed, as it would have been without adoption.
+    pub fn adopt_blocked(&mut self, pids: &[u32]) -> (u64, u64) {
         // BPF_NOEXIST: an entry the probe wrote since is newer than what /proc showed.
         const NO_EXIST: u64 = 1;
         let now = crate::clock::Clock::monotonic_now();
-        let mut adopted = 0;
+        let (mut adopted, mut failed) = (0u64, 0u64);
+        let mut first_error = None;
         for &pid in pids {
-            for (key, inflight) in blocked::scan(pid, now) {
+            let scan = blocked::scan(pid, now);
+            failed += scan.denied as u64;
+            for (key, inflight) in scan.found {
                 match self.inflight.insert(key, inflight, NO_EXIST) {
                     Ok(()) => adopted += 1,
-                    Err(err) => debug!("pid {pid}: syscall in progress not adopted: {err}"),
+                    // The thread returned and entered a new syscall meanwhile: nothing lost.
+                    Err(aya::maps::MapError::SyscallError(err))
+                        if err.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(err) => {
+                        failed += 1;
+                        first_error.get_or_insert_with(|| format!("pid {pid}: {err}"));
+                    }
                 }
             }
         }
@@ -537,7 +548,17 @@ impl Probes {
                 "{adopted} socket syscall(s) already in progress adopted (blocked reads, accepts)"
             );
         }
-        adopted
+        if failed > 0 {
+            warn!(
+                "{failed} thread(s) possibly blocked in socket I/O could not be adopted ({}); \
+                 the data of those calls is missed; counted in \
+                 tracer_syscalls_adopt_failed_total",
+                first_error
+                    .as_deref()
+                    .unwrap_or("their /proc/PID/task/TID/syscall is not readable")
+            );
+        }
+        (adopted, failed)
     }
 
     /// Current kernel counters summed over CPUs.
