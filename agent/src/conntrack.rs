@@ -116,8 +116,8 @@ impl Process {
 
 #[derive(Default)]
 pub struct ConnTable {
-    conns: HashMap<u64, Connection>,
-    processes: HashMap<u32, Arc<Process>>,
+    conns: foldhash::HashMap<u64, Connection>,
+    processes: foldhash::HashMap<u32, Arc<Process>>,
     /// TCP sockets of the traced processes when the probes attached, by (pid, fd): the kernel
     /// never saw these connections start, and /proc may no longer show them by the time their
     /// first event is processed (a short exchange, then close).

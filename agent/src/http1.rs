@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::field::{self, Field};
 use crate::streams::{Direction, Segment};
 
 /// Request methods recognised as the start of a request line (case-sensitive, RFC 9110 §9.1).
@@ -110,10 +111,10 @@ pub struct Message {
     /// Thread of the segment holding the first byte.
     pub tid: u32,
     /// Header fields in order, names as sent, values raw (obs-fold replaced by one SP).
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<Field>,
     /// Trailer fields of a chunked body, kept apart from `headers` because they arrive after
     /// the body and may not be relied on for framing or routing.
-    pub trailers: Vec<(String, Bytes)>,
+    pub trailers: Vec<Field>,
     /// Body length: payload bytes seen or skipped (for chunked bodies, chunk data only).
     pub body_bytes: u64,
     /// Length of the start line and header section including the final empty line.
@@ -668,7 +669,7 @@ struct Cur {
     kind: CurKind,
     body_bytes: u64,
     end_ns: u64,
-    trailers: Vec<(String, Bytes)>,
+    trailers: Vec<Field>,
 }
 
 enum CurKind {
@@ -699,7 +700,7 @@ impl EndScan {
         let mut i = 0;
         while i < bytes.len() {
             match self.state {
-                0 => match bytes[i..].iter().position(|&b| b == b'\n') {
+                0 => match memchr::memchr(b'\n', &bytes[i..]) {
                     Some(p) => {
                         i += p + 1;
                         self.state = 1;
@@ -1451,13 +1452,13 @@ enum Head {
         method: String,
         target: String,
         version: u8,
-        headers: Vec<(String, Bytes)>,
+        headers: Vec<Field>,
     },
     Response {
         status: u16,
         reason: String,
         version: u8,
-        headers: Vec<(String, Bytes)>,
+        headers: Vec<Field>,
     },
 }
 
@@ -1528,7 +1529,7 @@ fn parse_head_with<'b>(
 }
 
 /// Parses a trailer section (field lines and the final empty line).
-fn parse_fields(block: &Bytes) -> Option<Vec<(String, Bytes)>> {
+fn parse_fields(block: &Bytes) -> Option<Vec<Field>> {
     let block = unfold(block, false);
     let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
     match httparse::parse_headers(&block, &mut slots) {
@@ -1546,10 +1547,10 @@ fn parse_fields(block: &Bytes) -> Option<Vec<(String, Bytes)>> {
 }
 
 /// Names are copied (they are short); values share the header block's buffer.
-fn own_fields(block: &Bytes, fields: &[httparse::Header<'_>]) -> Vec<(String, Bytes)> {
+fn own_fields(block: &Bytes, fields: &[httparse::Header<'_>]) -> Vec<Field> {
     fields
         .iter()
-        .map(|h| (h.name.to_owned(), sub_bytes(block, h.value)))
+        .map(|h| (field::name(h.name), sub_bytes(block, h.value)))
         .collect()
 }
 
@@ -1582,8 +1583,9 @@ fn unfold(block: &Bytes, skip_first_line: bool) -> Bytes {
     } else {
         0
     };
-    let is_fold = |w: &[u8]| w[0] == b'\n' && (w[1] == b' ' || w[1] == b'\t');
-    if !block[from..].windows(2).any(is_fold) {
+    let folded = memchr::memchr_iter(b'\n', &block[from..])
+        .any(|q| matches!(block.get(from + q + 1), Some(b' ' | b'\t')));
+    if !folded {
         return block.clone();
     }
     let mut out = Vec::with_capacity(block.len());
@@ -1620,22 +1622,19 @@ fn plausible_start_line(kind: Start, line: &[u8]) -> bool {
     matches!(result, Ok(httparse::Status::Partial))
 }
 
-fn values<'a>(
-    headers: &'a [(String, Bytes)],
-    name: &'a str,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
+fn values<'a>(headers: &'a [Field], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
     headers
         .iter()
         .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| &v[..])
 }
 
-fn first_value<'a>(headers: &'a [(String, Bytes)], name: &'a str) -> Option<&'a [u8]> {
+fn first_value<'a>(headers: &'a [Field], name: &'a str) -> Option<&'a [u8]> {
     values(headers, name).next()
 }
 
 /// Content-Length per RFC 9110 §8.6: digits only; repeated (or listed) values must agree.
-fn content_length(headers: &[(String, Bytes)]) -> Result<Option<u64>, Http1Error> {
+fn content_length(headers: &[Field]) -> Result<Option<u64>, Http1Error> {
     let mut found = None;
     for value in values(headers, "content-length") {
         for item in value.split(|&b| b == b',') {
@@ -1657,7 +1656,7 @@ fn content_length(headers: &[(String, Bytes)]) -> Result<Option<u64>, Http1Error
 }
 
 /// None without Transfer-Encoding; else whether its final coding is chunked.
-fn final_coding_is_chunked(headers: &[(String, Bytes)]) -> Option<bool> {
+fn final_coding_is_chunked(headers: &[Field]) -> Option<bool> {
     let mut present = false;
     let mut chunked = false;
     for value in values(headers, "transfer-encoding") {
@@ -1677,7 +1676,7 @@ fn final_coding_is_chunked(headers: &[(String, Bytes)]) -> Option<bool> {
 }
 
 /// Request body framing (RFC 9112 §6.3 rules 3, 4, 5, 6, 7).
-fn request_body(headers: &[(String, Bytes)]) -> Result<Option<Body>, Http1Error> {
+fn request_body(headers: &[Field]) -> Result<Option<Body>, Http1Error> {
     match final_coding_is_chunked(headers) {
         // Chunked overrides any Content-Length.
         Some(true) => return Ok(Some(Body::Chunked(Chunk::Size))),
@@ -1695,7 +1694,7 @@ fn request_body(headers: &[(String, Bytes)]) -> Result<Option<Body>, Http1Error>
 fn response_body(
     to_head: bool,
     status: u16,
-    headers: &[(String, Bytes)],
+    headers: &[Field],
 ) -> Result<Option<Body>, Http1Error> {
     if to_head || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(None);
@@ -1765,9 +1764,9 @@ mod tests {
         }
     }
 
-    fn fields(list: &[(&str, &str)]) -> Vec<(String, Bytes)> {
+    fn fields(list: &[(&str, &str)]) -> Vec<Field> {
         list.iter()
-            .map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            .map(|(n, v)| (n.to_string().into(), Bytes::copy_from_slice(v.as_bytes())))
             .collect()
     }
 
@@ -3394,17 +3393,17 @@ mod tests {
         }
     }
 
-    fn owned(list: &[(String, String)]) -> Vec<(String, Bytes)> {
+    fn owned(list: &[(String, String)]) -> Vec<Field> {
         list.iter()
-            .map(|(n, v)| (n.clone(), Bytes::copy_from_slice(v.as_bytes())))
+            .map(|(n, v)| (n.clone().into(), Bytes::copy_from_slice(v.as_bytes())))
             .collect()
     }
 
     fn blank_msg(
-        headers: Vec<(String, Bytes)>,
+        headers: Vec<Field>,
         header_bytes: usize,
         body_bytes: u64,
-        trailers: Vec<(String, Bytes)>,
+        trailers: Vec<Field>,
     ) -> Message {
         Message {
             start_ns: 0,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dump;
 pub mod export;
+pub mod field;
 pub mod http1;
 pub mod http2;
 pub mod link;

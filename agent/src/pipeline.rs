@@ -271,7 +271,7 @@ impl<W: Write> Pipeline<W> {
             return;
         };
         for linked in self.linked.drain(..) {
-            let kind = match linked.side {
+            let kind = match linked.end.side {
                 CallSide::Client => SpanKind::Client,
                 CallSide::Server => SpanKind::Server,
             };
@@ -282,16 +282,16 @@ impl<W: Write> Pipeline<W> {
                 self.stats.spans_sampled_out += 1;
                 continue;
             }
-            let span = match &linked.finished {
+            let span = match &linked.end.finished {
                 Finished::Http1(exchange) => {
                     stage
                         .factory
-                        .http1(exchange, &linked.conn, kind, &linked.ids)
+                        .http1(exchange, &linked.end.conn, kind, &linked.ids)
                 }
                 Finished::Http2(exchange) => {
                     stage
                         .factory
-                        .http2(exchange, &linked.conn, kind, &linked.ids)
+                        .http2(exchange, &linked.end.conn, kind, &linked.ids)
                 }
                 Finished::Replaced { .. } => continue,
             };
@@ -299,13 +299,13 @@ impl<W: Write> Pipeline<W> {
                 self.stats.spans_sampled_out += 1;
                 continue;
             }
-            let process = &linked.conn.process;
+            let process = &linked.end.conn.process;
             let resource = process
                 .resource
                 .get_or_init(|| stage.resources.build(&process.info))
                 .clone();
             let item = ExportItem {
-                resource_id: u64::from(linked.conn.pid) << 32
+                resource_id: u64::from(linked.end.conn.pid) << 32
                     | (process.info.start_ticks & 0xffff_ffff),
                 resource: Arc::clone(&resource),
                 span,

@@ -4,10 +4,9 @@
 //! so redis, postgres or TLS bytes never become HTTP.
 use std::collections::HashMap;
 
-use bytes::Bytes;
-
 use crate::{
     conntrack::Role,
+    field::Field,
     http1::{self, Exchange, Http1Connection, Http1Error, Http1Limits, Side},
     http2::{self, Http2Connection, Http2Error, Http2Event, Http2Exchange, Http2Limits},
     streams::Segment,
@@ -102,7 +101,7 @@ pub struct StartInfo<'a> {
     pub method: &'a str,
     pub target: &'a str,
     /// Header fields (HTTP/2 pseudo-header fields included).
-    pub headers: &'a [(String, Bytes)],
+    pub headers: &'a [Field],
     /// `seq` is an HTTP/2 stream id, the same at both ends of the connection.
     pub http2: bool,
 }
@@ -120,7 +119,7 @@ impl<'a> StartInfo<'a> {
         }
     }
 
-    fn http2(seq: u64, tid: u32, start_ns: u64, headers: &'a [(String, Bytes)]) -> Self {
+    fn http2(seq: u64, tid: u32, start_ns: u64, headers: &'a [Field]) -> Self {
         let field = |name: &str| {
             headers
                 .iter()
@@ -153,7 +152,7 @@ pub struct ProtocolStats {
 
 #[derive(Default)]
 pub struct Protocols {
-    conns: HashMap<u64, State>,
+    conns: foldhash::HashMap<u64, State>,
     pub stats: ProtocolStats,
     h2_events: Vec<Http2Event>,
     h1_out: Vec<Exchange>,
@@ -476,7 +475,7 @@ mod tests {
                 direction,
                 tid: 1,
                 pos: pos[slot],
-                data: Bytes::from(data.clone()),
+                data: bytes::Bytes::from(data.clone()),
                 gap_before: 0,
                 enter_ns: ts,
                 exit_ns: ts + 10,

@@ -10,7 +10,7 @@
 //! It does not own connection lifecycle (the caller calls [`Streams::close`]), clocks (the
 //! caller passes `now_ns` to [`Streams::flush_expired`]) or parsing of the delivered bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -341,7 +341,7 @@ fn normalize(record: &mut SyscallData) {
 
 /// Releases one aged held record (and every hole before it); returns captured bytes released.
 fn release_aged(
-    conns: &mut HashMap<u64, Conn>,
+    conns: &mut foldhash::HashMap<u64, Conn>,
     core: &mut Core,
     age_key: AgeKey,
     age: AgeRef,
@@ -364,14 +364,14 @@ fn release_aged(
 
 /// Reassembles the byte streams of all traced connections.
 pub struct Streams {
-    conns: HashMap<u64, Conn>,
+    conns: foldhash::HashMap<u64, Conn>,
     core: Core,
 }
 
 impl Streams {
     pub fn new(limits: StreamLimits) -> Self {
         Self {
-            conns: HashMap::new(),
+            conns: Default::default(),
             core: Core {
                 limits,
                 window_ns: u64::try_from(limits.reorder_window.as_nanos()).unwrap_or(u64::MAX),

@@ -1,7 +1,6 @@
 //! Joins the chunks of one syscall back into one record. The probes split a large read or
 //! write into chunks that arrive in order; a missing chunk (ring buffer full) ends the record
 //! early, and the record keeps its full length so reassembly sees the hole.
-use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
 use tracer_common::{DataEvent, data_flags, direction};
@@ -35,7 +34,7 @@ struct Partial {
 /// Chunks waiting for the rest of their syscall, by (connection, direction).
 #[derive(Default)]
 pub struct Assembler {
-    partial: HashMap<(u64, u32), Partial>,
+    partial: foldhash::HashMap<(u64, u32), Partial>,
     /// Syscalls delivered without all their chunks.
     pub incomplete: u64,
 }

@@ -40,6 +40,8 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use crate::field::{self, Field as HeaderField};
+
 use super::huffman;
 
 /// The protocol's initial SETTINGS_HEADER_TABLE_SIZE (RFC 9113 §6.5.2).
@@ -129,7 +131,7 @@ pub(super) enum Problem {
 #[derive(Debug, Default)]
 pub(super) struct Decoded {
     /// Fields in order; names as sent (lowercase in valid HTTP/2).
-    pub fields: Vec<(String, Bytes)>,
+    pub fields: Vec<HeaderField>,
     /// Values decoded exactly whose field name referred to an unknown table entry.
     pub unnamed: Vec<Bytes>,
     /// Fields that could not be decoded (references to unknown entries, or the dropped rest
@@ -275,7 +277,7 @@ impl Decoder {
             match self.representation(block, &mut p, &mut out) {
                 Ok(Field::Decoded(name, value)) => {
                     // Counted as kept: invalid UTF-8 in a name grows when replaced.
-                    let name = String::from_utf8_lossy(&name).into_owned();
+                    let name = field::name(&String::from_utf8_lossy(&name));
                     list_bytes = list_bytes.saturating_add(name.len() + value.len());
                     if list_bytes > list_limit {
                         out.too_large = true;
@@ -497,7 +499,7 @@ mod tests {
     fn fields(d: &Decoded) -> Vec<(&str, &str)> {
         d.fields
             .iter()
-            .map(|(n, v)| (n.as_str(), std::str::from_utf8(v).unwrap()))
+            .map(|(n, v)| (&**n, std::str::from_utf8(v).unwrap()))
             .collect()
     }
 

@@ -41,6 +41,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use self::frame::{Block, BlockKind, Frames, Reader};
+use crate::field::Field;
 use crate::http1::Side;
 use crate::streams::{Direction, Segment};
 
@@ -101,11 +102,11 @@ impl Default for Http2Limits {
 pub struct H2Message {
     /// Header fields in order, pseudo-header fields (`:method`, `:path`, `:status`...) first
     /// as sent. Names are lowercase as HTTP/2 requires; values raw.
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<Field>,
     /// Fields of a trailing header block (gRPC's `grpc-status` lives here, except in a
     /// Trailers-Only response, where it is in `headers`). When a response's header block was
     /// lost, a block that ends the stream without a readable `:status` is taken for trailers.
-    pub trailers: Vec<(String, Bytes)>,
+    pub trailers: Vec<Field>,
     /// Values decoded exactly whose field name could not be (it referred to HPACK state from
     /// before a loss, or before the agent joined the connection). Encoders send each new value
     /// of a recurring field as a literal with an indexed name, so this is where a
@@ -178,7 +179,7 @@ pub enum Http2Event {
         start_ns: u64,
         tid: u32,
         /// Pseudo-header fields included, in order.
-        headers: Vec<(String, Bytes)>,
+        headers: Vec<Field>,
         /// See [`H2Message::unnamed_values`].
         unnamed_values: Vec<Bytes>,
         /// Some fields could not be decoded (see [`Http2Exchange::incomplete_headers`]).
@@ -195,7 +196,7 @@ pub struct UpgradeRequest {
     pub method: String,
     pub target: String,
     /// The HTTP/1.1 header fields as sent.
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<Field>,
     pub start_ns: u64,
     pub end_ns: u64,
     pub tid: u32,
@@ -347,12 +348,12 @@ fn side_with_requests_on(dir: Direction) -> Side {
     }
 }
 
-fn status_of(fields: &[(String, Bytes)]) -> Option<u16> {
+fn status_of(fields: &[Field]) -> Option<u16> {
     let value = fields.iter().find(|(n, _)| n == ":status")?;
     std::str::from_utf8(&value.1).ok()?.parse().ok()
 }
 
-fn has_field(fields: &[(String, Bytes)], name: &str) -> bool {
+fn has_field(fields: &[Field], name: &str) -> bool {
     fields.iter().any(|(n, _)| n == name)
 }
 
@@ -397,7 +398,7 @@ impl Msg {
 /// A decoded header block.
 #[derive(Default)]
 struct Fields {
-    fields: Vec<(String, Bytes)>,
+    fields: Vec<Field>,
     unnamed: Vec<Bytes>,
     /// Some fields could not be decoded.
     incomplete: bool,
@@ -688,7 +689,7 @@ fn emit(conn_id: u64, stream_id: u32, s: Stream, out: &mut Vec<Http2Event>) {
 /// Stream 1's request fields from the HTTP/1.1 upgrade request: pseudo-header fields as an
 /// HTTP/2 client would send them, then the header fields (lowercased) minus the ones that are
 /// connection-specific in HTTP/2 (RFC 9113 §8.2.2) and Host (now `:authority`).
-fn upgrade_headers(r: &UpgradeRequest) -> Vec<(String, Bytes)> {
+fn upgrade_headers(r: &UpgradeRequest) -> Vec<Field> {
     const DROP: &[&str] = &[
         "host",
         "connection",
@@ -698,22 +699,22 @@ fn upgrade_headers(r: &UpgradeRequest) -> Vec<(String, Bytes)> {
         "proxy-connection",
         "transfer-encoding",
     ];
-    let mut fields = vec![
-        (":method".to_owned(), Bytes::from(r.method.clone())),
-        (":scheme".to_owned(), Bytes::from_static(b"http")),
-        (":path".to_owned(), Bytes::from(r.target.clone())),
+    let mut fields: Vec<Field> = vec![
+        (":method".into(), Bytes::from(r.method.clone())),
+        (":scheme".into(), Bytes::from_static(b"http")),
+        (":path".into(), Bytes::from(r.target.clone())),
     ];
     if let Some((_, host)) = r
         .headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("host"))
     {
-        fields.push((":authority".to_owned(), host.clone()));
+        fields.push((":authority".into(), host.clone()));
     }
     for (name, value) in &r.headers {
         let name = name.to_ascii_lowercase();
         if !DROP.contains(&name.as_str()) {
-            fields.push((name, value.clone()));
+            fields.push((name.into(), value.clone()));
         }
     }
     fields
@@ -779,7 +780,7 @@ impl Sink<'_> {
 
     /// Which direction carries requests; learned from the first block that tells if the side
     /// is unknown (a request has `:method`, a response `:status`).
-    fn request_dir_for(&mut self, dir: Direction, fields: &[(String, Bytes)]) -> Option<Direction> {
+    fn request_dir_for(&mut self, dir: Direction, fields: &[Field]) -> Option<Direction> {
         if let Some(d) = request_dir(self.st.side) {
             return Some(d);
         }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::field::Field;
 
 const E: Direction = Direction::Egress;
 const I: Direction = Direction::Ingress;
@@ -116,9 +117,9 @@ fn feed(side: Side, segs: &[Segment]) -> Outcome {
     run(Http2Connection::new(CONN, side, limits), segs, limits)
 }
 
-fn fields(list: &[(&str, &str)]) -> Vec<(String, Bytes)> {
+fn fields(list: &[(&str, &str)]) -> Vec<Field> {
     list.iter()
-        .map(|(n, v)| ((*n).to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+        .map(|(n, v)| ((*n).to_owned().into(), Bytes::copy_from_slice(v.as_bytes())))
         .collect()
 }
 
@@ -682,7 +683,7 @@ fn upgrade_request(c: &Capture) -> UpgradeRequest {
     let mut start = lines.next().unwrap().split(' ');
     let headers = lines
         .filter_map(|l| l.split_once(": "))
-        .map(|(n, v)| (n.to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+        .map(|(n, v)| (n.to_owned().into(), Bytes::copy_from_slice(v.as_bytes())))
         .collect();
     UpgradeRequest {
         method: start.next().unwrap().to_owned(),
@@ -893,7 +894,7 @@ fn by_stream(out: &Outcome) -> BTreeMap<u32, Http2Exchange> {
 }
 
 /// `part` is `whole` with some fields left out, in the same order: nothing decoded wrongly.
-fn is_sublist(part: &[(String, Bytes)], whole: &[(String, Bytes)]) -> bool {
+fn is_sublist(part: &[Field], whole: &[Field]) -> bool {
     let mut rest = whole.iter();
     part.iter().all(|f| rest.any(|w| w == f))
 }
