@@ -116,7 +116,8 @@ impl Process {
 
 #[derive(Default)]
 pub struct ConnTable {
-    conns: foldhash::HashMap<u64, Connection>,
+    /// Shared with the calls in flight on them (connections do not change once known).
+    conns: foldhash::HashMap<u64, Arc<Connection>>,
     processes: foldhash::HashMap<u32, Arc<Process>>,
     /// TCP sockets of the traced processes when the probes attached, by (pid, fd): the kernel
     /// never saw these connections start, and /proc may no longer show them by the time their
@@ -160,7 +161,7 @@ impl ConnTable {
     }
 
     /// Records a connection the kernel announced.
-    pub fn open(&mut self, event: &ConnEvent) -> &Connection {
+    pub fn open(&mut self, event: &ConnEvent) -> &Arc<Connection> {
         let header = &event.header;
         let role = match event.role {
             role::CLIENT => Role::Client,
@@ -190,12 +191,12 @@ impl ConnTable {
             self.resolve(&mut conn);
         }
         conn.format_addresses();
-        self.conns.insert(conn.id, conn);
+        self.conns.insert(conn.id, Arc::new(conn));
         &self.conns[&header.conn_id]
     }
 
     /// The connection for data whose open event was lost: resolved from /proc.
-    pub fn get_or_resolve(&mut self, conn_id: u64, pid: u32, fd: i32) -> &Connection {
+    pub fn get_or_resolve(&mut self, conn_id: u64, pid: u32, fd: i32) -> &Arc<Connection> {
         if !self.conns.contains_key(&conn_id) {
             let mut conn = Connection {
                 id: conn_id,
@@ -211,7 +212,7 @@ impl ConnTable {
             };
             self.resolve(&mut conn);
             conn.format_addresses();
-            self.conns.insert(conn_id, conn);
+            self.conns.insert(conn_id, Arc::new(conn));
         }
         &self.conns[&conn_id]
     }
@@ -283,11 +284,11 @@ impl ConnTable {
         }
     }
 
-    pub fn close(&mut self, conn_id: u64) -> Option<Connection> {
+    pub fn close(&mut self, conn_id: u64) -> Option<Arc<Connection>> {
         self.conns.remove(&conn_id)
     }
 
-    pub fn get(&self, conn_id: u64) -> Option<&Connection> {
+    pub fn get(&self, conn_id: u64) -> Option<&Arc<Connection>> {
         self.conns.get(&conn_id)
     }
 

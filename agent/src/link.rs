@@ -37,6 +37,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use log::info;
@@ -136,14 +137,14 @@ pub struct CallStart {
     pub method: String,
     pub target: String,
     pub context: Result<Option<SpanContext>, ContextError>,
-    pub conn: Connection,
+    pub conn: Arc<Connection>,
     /// `key.seq` is an HTTP/2 stream id, the same at both ends.
     pub http2: bool,
 }
 
 impl CallStart {
     /// The start of a request, from its parsed head.
-    pub fn new(conn_id: u64, side: CallSide, info: &StartInfo<'_>, conn: &Connection) -> Self {
+    pub fn new(conn_id: u64, side: CallSide, info: &StartInfo<'_>, conn: &Arc<Connection>) -> Self {
         Self {
             key: CallKey {
                 conn_id,
@@ -166,7 +167,7 @@ impl CallStart {
 pub struct CallEnd {
     pub side: CallSide,
     pub finished: Finished,
-    pub conn: Connection,
+    pub conn: Arc<Connection>,
 }
 
 /// The ids a span gets.
@@ -784,8 +785,14 @@ mod tests {
     }
 
     /// A connection of `process` from local port `local` to remote port `remote`.
-    fn conn(id: u64, process: &Arc<Process>, role: Role, local: u16, remote: u16) -> Connection {
-        Connection {
+    fn conn(
+        id: u64,
+        process: &Arc<Process>,
+        role: Role,
+        local: u16,
+        remote: u16,
+    ) -> Arc<Connection> {
+        Arc::new(Connection {
             id,
             pid: process.info.pid,
             fd: 3,
@@ -796,7 +803,7 @@ mod tests {
             process: Arc::clone(process),
             text: AddressText::default(),
             tls: false,
-        }
+        })
     }
 
     fn message(tid: u32, start_ns: u64, end_ns: u64, headers: &[(&str, &str)]) -> Message {
@@ -822,7 +829,7 @@ mod tests {
     }
 
     struct Call<'a> {
-        conn: &'a Connection,
+        conn: &'a Arc<Connection>,
         seq: u64,
         tid: u32,
         start: u64,
@@ -898,7 +905,7 @@ mod tests {
         }
     }
 
-    fn call<'a>(conn: &'a Connection, seq: u64, tid: u32, start: u64, end: u64) -> Call<'a> {
+    fn call<'a>(conn: &'a Arc<Connection>, seq: u64, tid: u32, start: u64, end: u64) -> Call<'a> {
         Call {
             conn,
             seq,
@@ -1008,10 +1015,10 @@ mod tests {
     #[test]
     fn an_event_loop_proxy_is_linked_by_the_forwarded_target() {
         let p = process(1, &[]);
-        let servers: Vec<Connection> = (0..3)
+        let servers: Vec<Arc<Connection>> = (0..3)
             .map(|i| conn(1 + i, &p, Role::Server, 80, 5000 + i as u16))
             .collect();
-        let clients: Vec<Connection> = (0..3)
+        let clients: Vec<Arc<Connection>> = (0..3)
             .map(|i| conn(10 + i, &p, Role::Client, 6000 + i as u16, 90))
             .collect();
         let targets = ["/r/0", "/r/1", "/r/2"];
@@ -1201,7 +1208,7 @@ mod tests {
             ]
         };
         let h = headers("/demo.Echo/Say");
-        let start = |conn: &Connection, stream: u64, ts: u64| {
+        let start = |conn: &Arc<Connection>, stream: u64, ts: u64| {
             let info = StartInfo {
                 seq: stream,
                 tid: 1,
