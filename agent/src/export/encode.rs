@@ -6,13 +6,15 @@
 //!
 //! # Lengths
 //! A nested message is preceded by its length, so the length must be known before its bytes are
-//! written. This encoder computes sizes first: a sizing pass over a resource's spans records
-//! each span's size (and sums them per scope), then the writing pass writes with those sizes;
-//! the small messages inside a span (attributes, events, links, status) are sized on the fly
-//! while writing, which is only arithmetic on string lengths. The alternative, reserving room
-//! for a length and patching it afterwards, needs either padded varints (valid protobuf, but not
-//! the canonical form some receivers and our tests compare against) or moving the bytes written
-//! since. Knowing the total also lets the buffer grow once per resource.
+//! written. The small messages inside a span (attributes, events, links, status) are sized on
+//! the fly while writing, which is only arithmetic on string lengths. A span, a `ScopeSpans` and
+//! the `ResourceSpans` are written in one pass after a guessed number of bytes for their length
+//! (2 for a span, 128 bytes to 16 KiB; the width of the last call's for the others) that is
+//! filled in once the message is written. A wrong guess moves the message's bytes (a span is
+//! still in cache then; the outer ones are only wrong when the batch size crosses 16 KiB or
+//! 2 MiB): cheaper than the sizing pass over every span and attribute this replaced. Padding the
+//! length to the guessed width instead would be valid protobuf, but not the canonical form some
+//! receivers and our tests compare against.
 //!
 //! # The output
 //! The same message opentelemetry-proto's `group_spans_by_resource_and_scope` builds, and the
@@ -105,13 +107,20 @@ const FLAG_IS_REMOTE: u32 = 0x200;
 /// buffer) for every request so neither allocates once warm.
 #[derive(Debug, Default)]
 pub struct TraceEncoder {
-    /// Encoded size of each span of the resource being written (sizing pass).
-    span_sizes: Vec<usize>,
     /// For each span of the resource being written, the index of its scope.
     span_scopes: Vec<usize>,
     /// For each item of [`Self::encode_request`], the index of its resource group.
     item_groups: Vec<usize>,
+    /// Bytes the last `ResourceSpans` length took: the guess for the next (0: none yet).
+    resource_len_width: usize,
+    /// Bytes the last `ScopeSpans` length took: the guess for the next (0: none yet).
+    scope_len_width: usize,
 }
+
+/// The guessed length width before any request: up to 2 MiB.
+const FIRST_WIDTH_GUESS: usize = 3;
+/// The guessed width of a span's length: 128 bytes to 16 KiB.
+const SPAN_WIDTH_GUESS: usize = 2;
 
 impl TraceEncoder {
     pub fn new() -> Self {
@@ -157,48 +166,31 @@ impl TraceEncoder {
     where
         I: Iterator<Item = &'a SpanData> + Clone,
     {
-        // Sizing pass: each span's size, its scope, and each ScopeSpans' size.
-        self.span_sizes.clear();
+        // Each span's scope; agents have one or a few scopes, so a linear search.
         self.span_scopes.clear();
-        // (scope, size of its ScopeSpans); agents have one or a few scopes, so a linear search.
-        let mut scopes: Vec<(&InstrumentationScope, usize)> = Vec::new();
+        let mut scopes: Vec<&InstrumentationScope> = Vec::new();
         for span in spans.clone() {
             let scope = &span.instrumentation_scope;
-            let index = match scopes
-                .iter()
-                .position(|(known, _)| same_scope(known, scope))
-            {
+            let index = match scopes.iter().position(|known| same_scope(known, scope)) {
                 Some(index) => index,
                 None => {
-                    let header = len_field(scope_size(scope)) + str_field(scope_schema(scope));
-                    scopes.push((scope, header));
+                    scopes.push(scope);
                     scopes.len() - 1
                 }
             };
-            let size = span_size(span);
-            self.span_sizes.push(size);
             self.span_scopes.push(index);
-            scopes[index].1 += len_field(size);
-        }
-        let resource_size = resource_size(resource);
-        let mut body = len_field(resource_size) + str_field(resource.schema_url().unwrap_or(""));
-        for (_, size) in &scopes {
-            body += len_field(*size);
         }
 
-        // Writing pass.
-        out.reserve(len_field(body));
-        let start = out.len();
         out.push(key::REQUEST_RESOURCE_SPANS);
-        put_varint(out, body as u64);
+        let resource_at = reserve_len(out, self.resource_len_width);
         out.push(key::RESOURCE_SPANS_RESOURCE);
-        put_varint(out, resource_size as u64);
+        put_varint(out, resource_size(resource) as u64);
         for (key, value) in resource.iter() {
             put_key_value(out, key::RESOURCE_ATTRIBUTES, key.as_str(), value);
         }
-        for (index, (scope, size)) in scopes.iter().enumerate() {
+        for (index, scope) in scopes.iter().enumerate() {
             out.push(key::RESOURCE_SPANS_SCOPE_SPANS);
-            put_varint(out, *size as u64);
+            let scope_at = reserve_len(out, self.scope_len_width);
             out.push(key::SCOPE_SPANS_SCOPE);
             put_varint(out, scope_size(scope) as u64);
             put_str(out, key::SCOPE_NAME, scope.name());
@@ -206,25 +198,59 @@ impl TraceEncoder {
             for kv in scope.attributes() {
                 put_key_value(out, key::SCOPE_ATTRIBUTES, kv.key.as_str(), &kv.value);
             }
-            let sized = spans.clone().zip(&self.span_sizes).zip(&self.span_scopes);
-            for ((span, size), _) in sized.filter(|(_, of)| **of == index) {
+            for (span, _) in spans
+                .clone()
+                .zip(&self.span_scopes)
+                .filter(|(_, of)| **of == index)
+            {
                 out.push(key::SCOPE_SPANS_SPANS);
-                put_varint(out, *size as u64);
+                let span_at = out.len();
+                out.extend_from_slice(&[0; SPAN_WIDTH_GUESS]);
                 put_span(out, span);
+                fill_len(out, span_at, SPAN_WIDTH_GUESS);
             }
             put_str(out, key::SCOPE_SPANS_SCHEMA_URL, scope_schema(scope));
+            self.scope_len_width = fill_len(out, scope_at.0, scope_at.1);
         }
         put_str(
             out,
             key::RESOURCE_SPANS_SCHEMA_URL,
             resource.schema_url().unwrap_or(""),
         );
-        debug_assert_eq!(
-            out.len() - start,
-            len_field(body),
-            "sizing and writing disagree"
-        );
+        self.resource_len_width = fill_len(out, resource_at.0, resource_at.1);
     }
+}
+
+/// Reserves `width` bytes (the guess; [`FIRST_WIDTH_GUESS`] when 0) for the length of the
+/// message written next; returns where and how many, for [`fill_len`].
+#[inline]
+fn reserve_len(out: &mut Vec<u8>, width: usize) -> (usize, usize) {
+    let width = if width == 0 { FIRST_WIDTH_GUESS } else { width };
+    let at = out.len();
+    out.resize(at + width, 0);
+    (at, width)
+}
+
+/// Writes into the `reserved` bytes at `at` the length of what follows them up to the end of
+/// `out`, moving those bytes if the length takes another width. Returns the width.
+fn fill_len(out: &mut Vec<u8>, at: usize, reserved: usize) -> usize {
+    let body = at + reserved;
+    let len = out.len() - body;
+    let width = varint_len(len as u64);
+    if width > reserved {
+        out.resize(out.len() + width - reserved, 0);
+        out.copy_within(body..body + len, at + width);
+    } else if width < reserved {
+        out.copy_within(body..body + len, at + width);
+        out.truncate(at + width + len);
+    }
+    let mut value = len as u64;
+    for byte in &mut out[at..at + width - 1] {
+        *byte = (value as u8) | 0x80;
+        value >>= 7;
+    }
+    out[at + width - 1] = value as u8;
+    width
 }
 
 /// Whether two spans share a `ScopeSpans`: `InstrumentationScope` equality, as
@@ -383,32 +409,6 @@ fn kind_value(kind: &SpanKind) -> u64 {
         SpanKind::Producer => 4,
         SpanKind::Consumer => 5,
     }
-}
-
-fn span_size(span: &SpanData) -> usize {
-    let mut size = 18 // trace_id: key, length, 16 bytes
-        + 10 // span_id
-        + str_field_len(trace_state_len(span.span_context.trace_state()))
-        + 6 // flags: two-byte key, fixed32 (never 0: HAS_IS_REMOTE is always set)
-        + str_field(&span.name)
-        + 1 + varint_len(kind_value(&span.span_kind))
-        + fixed64_field(nanos(span.start_time))
-        + fixed64_field(nanos(span.end_time))
-        + attributes_size(&span.attributes)
-        + varint_field(u64::from(span.dropped_attributes_count))
-        + varint_field(u64::from(span.events.dropped_count))
-        + varint_field(u64::from(span.links.dropped_count))
-        + len_field(status_size(&span.status));
-    if span.parent_span_id != SpanId::INVALID {
-        size += 10;
-    }
-    for event in span.events.iter() {
-        size += len_field(event_size(event));
-    }
-    for link in span.links.iter() {
-        size += len_field(link_size(link));
-    }
-    size
 }
 
 // ---- writing -------------------------------------------------------------------------------
