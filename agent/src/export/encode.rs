@@ -6,15 +6,20 @@
 //!
 //! # Lengths
 //! A nested message is preceded by its length, so the length must be known before its bytes are
-//! written. The small messages inside a span (attributes, events, links, status) are sized on
-//! the fly while writing, which is only arithmetic on string lengths. A span, a `ScopeSpans` and
-//! the `ResourceSpans` are written in one pass after a guessed number of bytes for their length
-//! (2 for a span, 128 bytes to 16 KiB; the width of the last call's for the others) that is
-//! filled in once the message is written. A wrong guess moves the message's bytes (a span is
-//! still in cache then; the outer ones are only wrong when the batch size crosses 16 KiB or
-//! 2 MiB): cheaper than the sizing pass over every span and attribute this replaced. Padding the
-//! length to the guessed width instead would be valid protobuf, but not the canonical form some
-//! receivers and our tests compare against.
+//! written. A span is written after a guessed 2 bytes for its length (128 bytes to 16 KiB),
+//! filled in once the span is written; a wrong guess moves the span's bytes, which are still in
+//! the cache then. The small messages inside a span (attributes, events, links, status) are
+//! sized on the fly while writing, which is only arithmetic on string lengths. The messages
+//! around the spans (`ScopeSpans`, `ResourceSpans`) are assembled from encoded spans, whose
+//! lengths are known. Padding a length to a fixed width instead would be valid protobuf, but
+//! not the canonical form some receivers and our tests compare against.
+//!
+//! # Encoded early
+//! The OTLP/HTTP exporter encodes each span when it is queued ([`encode_span`], called by
+//! `ExportHandle::submit`), while the span's strings are still in the cache from being built,
+//! and drops it then; a request is later assembled from those bytes
+//! ([`TraceEncoder::write_resource_spans`]). [`TraceEncoder::encode_resource_spans`] goes the
+//! same way, so the tests comparing it with opentelemetry-proto cover both.
 //!
 //! # The output
 //! The same message opentelemetry-proto's `group_spans_by_resource_and_scope` builds, and the
@@ -111,16 +116,24 @@ pub struct TraceEncoder {
     span_scopes: Vec<usize>,
     /// For each item of [`Self::encode_request`], the index of its resource group.
     item_groups: Vec<usize>,
-    /// Bytes the last `ResourceSpans` length took: the guess for the next (0: none yet).
-    resource_len_width: usize,
-    /// Bytes the last `ScopeSpans` length took: the guess for the next (0: none yet).
-    scope_len_width: usize,
+    /// The spans of [`Self::encode_resource_spans`], encoded one after another.
+    spans: Vec<u8>,
+    /// Where each of those ends in `spans`.
+    span_ends: Vec<usize>,
 }
 
-/// The guessed length width before any request: up to 2 MiB.
-const FIRST_WIDTH_GUESS: usize = 3;
 /// The guessed width of a span's length: 128 bytes to 16 KiB.
 const SPAN_WIDTH_GUESS: usize = 2;
+
+/// Appends `span` as a `ScopeSpans.spans` field (key, length, `Span`): what
+/// [`TraceEncoder::write_resource_spans`] assembles requests from.
+pub(super) fn encode_span(out: &mut Vec<u8>, span: &SpanData) {
+    out.push(key::SCOPE_SPANS_SPANS);
+    let at = out.len();
+    out.extend_from_slice(&[0; SPAN_WIDTH_GUESS]);
+    put_span(out, span);
+    fill_len(out, at, SPAN_WIDTH_GUESS);
+}
 
 impl TraceEncoder {
     pub fn new() -> Self {
@@ -166,31 +179,70 @@ impl TraceEncoder {
     where
         I: Iterator<Item = &'a SpanData> + Clone,
     {
-        // Each span's scope; agents have one or a few scopes, so a linear search.
-        self.span_scopes.clear();
-        let mut scopes: Vec<&InstrumentationScope> = Vec::new();
+        let mut encoded = std::mem::take(&mut self.spans);
+        let mut ends = std::mem::take(&mut self.span_ends);
+        encoded.clear();
+        ends.clear();
         for span in spans.clone() {
-            let scope = &span.instrumentation_scope;
-            let index = match scopes.iter().position(|known| same_scope(known, scope)) {
+            encode_span(&mut encoded, span);
+            ends.push(encoded.len());
+        }
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let items = spans
+            .zip(starts.zip(&ends))
+            .map(|(span, (start, end))| (&span.instrumentation_scope, &encoded[start..*end]));
+        self.write_resource_spans(out, resource, items);
+        self.spans = encoded;
+        self.span_ends = ends;
+    }
+
+    /// Appends to `out` one `ResourceSpans` holding `spans`: each span's scope and its bytes
+    /// from [`encode_span`].
+    pub(super) fn write_resource_spans<'a, I>(
+        &mut self,
+        out: &mut Vec<u8>,
+        resource: &Resource,
+        spans: I,
+    ) where
+        I: Iterator<Item = (&'a InstrumentationScope, &'a [u8])> + Clone,
+    {
+        // Each span's scope and each ScopeSpans' size; agents have one or a few scopes, so a
+        // linear search.
+        self.span_scopes.clear();
+        let mut scopes: Vec<(&InstrumentationScope, usize)> = Vec::new();
+        for (scope, bytes) in spans.clone() {
+            let index = match scopes
+                .iter()
+                .position(|(known, _)| same_scope(known, scope))
+            {
                 Some(index) => index,
                 None => {
-                    scopes.push(scope);
+                    let header = len_field(scope_size(scope)) + str_field(scope_schema(scope));
+                    scopes.push((scope, header));
                     scopes.len() - 1
                 }
             };
+            scopes[index].1 += bytes.len();
             self.span_scopes.push(index);
         }
+        let resource_size = resource_size(resource);
+        let mut body = len_field(resource_size) + str_field(resource.schema_url().unwrap_or(""));
+        for (_, size) in &scopes {
+            body += len_field(*size);
+        }
 
+        out.reserve(len_field(body));
+        let start = out.len();
         out.push(key::REQUEST_RESOURCE_SPANS);
-        let resource_at = reserve_len(out, self.resource_len_width);
+        put_varint(out, body as u64);
         out.push(key::RESOURCE_SPANS_RESOURCE);
-        put_varint(out, resource_size(resource) as u64);
+        put_varint(out, resource_size as u64);
         for (key, value) in resource.iter() {
             put_key_value(out, key::RESOURCE_ATTRIBUTES, key.as_str(), value);
         }
-        for (index, scope) in scopes.iter().enumerate() {
+        for (index, (scope, size)) in scopes.iter().enumerate() {
             out.push(key::RESOURCE_SPANS_SCOPE_SPANS);
-            let scope_at = reserve_len(out, self.scope_len_width);
+            put_varint(out, *size as u64);
             out.push(key::SCOPE_SPANS_SCOPE);
             put_varint(out, scope_size(scope) as u64);
             put_str(out, key::SCOPE_NAME, scope.name());
@@ -198,37 +250,23 @@ impl TraceEncoder {
             for kv in scope.attributes() {
                 put_key_value(out, key::SCOPE_ATTRIBUTES, kv.key.as_str(), &kv.value);
             }
-            for (span, _) in spans
-                .clone()
-                .zip(&self.span_scopes)
-                .filter(|(_, of)| **of == index)
-            {
-                out.push(key::SCOPE_SPANS_SPANS);
-                let span_at = out.len();
-                out.extend_from_slice(&[0; SPAN_WIDTH_GUESS]);
-                put_span(out, span);
-                fill_len(out, span_at, SPAN_WIDTH_GUESS);
+            let of_scope = spans.clone().zip(&self.span_scopes);
+            for ((_, bytes), _) in of_scope.filter(|(_, of)| **of == index) {
+                out.extend_from_slice(bytes);
             }
             put_str(out, key::SCOPE_SPANS_SCHEMA_URL, scope_schema(scope));
-            self.scope_len_width = fill_len(out, scope_at.0, scope_at.1);
         }
         put_str(
             out,
             key::RESOURCE_SPANS_SCHEMA_URL,
             resource.schema_url().unwrap_or(""),
         );
-        self.resource_len_width = fill_len(out, resource_at.0, resource_at.1);
+        debug_assert_eq!(
+            out.len() - start,
+            len_field(body),
+            "sizing and writing disagree"
+        );
     }
-}
-
-/// Reserves `width` bytes (the guess; [`FIRST_WIDTH_GUESS`] when 0) for the length of the
-/// message written next; returns where and how many, for [`fill_len`].
-#[inline]
-fn reserve_len(out: &mut Vec<u8>, width: usize) -> (usize, usize) {
-    let width = if width == 0 { FIRST_WIDTH_GUESS } else { width };
-    let at = out.len();
-    out.resize(at + width, 0);
-    (at, width)
 }
 
 /// Writes into the `reserved` bytes at `at` the length of what follows them up to the end of

@@ -46,6 +46,8 @@ use super::{
     OTEL_EXPORTER_OTLP_TRACES_HEADERS, OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OtlpCompression,
     OtlpProtocol, Shared,
 };
+#[cfg(test)]
+use super::{ExportItem, worker::EncodedSpan};
 
 /// Where spans go when nothing says otherwise.
 const DEFAULT_ENDPOINT: &str = "http://localhost:4318/v1/traces";
@@ -311,7 +313,7 @@ impl HttpSink {
     ) -> Result<(), SinkError> {
         self.retry_after = None;
         while let Some(group) = groups.front() {
-            let count = group.spans.len();
+            let count = group.len();
             let body = self.body(group)?;
             self.send(body, count).await?;
             groups.pop_front();
@@ -332,8 +334,22 @@ impl HttpSink {
     /// Encodes (and compresses) the request for `group`.
     fn body(&mut self, group: &ResourceGroup) -> Result<Bytes, SinkError> {
         self.encoded.clear();
-        self.encoder
-            .encode_resource_spans(&mut self.encoded, &group.resource, group.spans.iter());
+        // Spans come encoded (see `ExportHandle`); a group of spans is encoded here.
+        debug_assert!(group.spans.is_empty() || group.encoded.is_empty());
+        if group.encoded.is_empty() {
+            self.encoder.encode_resource_spans(
+                &mut self.encoded,
+                &group.resource,
+                group.spans.iter(),
+            );
+        } else {
+            let spans = group
+                .encoded
+                .iter()
+                .map(|span| (&span.scope, span.bytes.as_slice()));
+            self.encoder
+                .write_resource_spans(&mut self.encoded, &group.resource, spans);
+        }
         check_body_size(self.encoded.len(), "uncompressed")?;
         self.body.clear();
         if self.gzip {
@@ -515,8 +531,9 @@ mod tests {
         out
     }
 
-    /// Spans `ids` of a process `pid`, each with a path as long as its id says.
-    fn group(pid: i64, ids: std::ops::Range<u64>) -> ResourceGroup {
+    /// Spans `ids` of a process `pid`, each with a path as long as its id says; queued as
+    /// spans or, as the OTLP/HTTP handle queues them, `encoded`.
+    fn group(pid: i64, ids: std::ops::Range<u64>, encoded: bool) -> ResourceGroup {
         let scope = InstrumentationScope::builder("tracer-agent").build();
         let spans = ids
             .map(|id| SpanData {
@@ -540,15 +557,32 @@ mod tests {
                 status: SpanStatus::Unset,
                 instrumentation_scope: scope.clone(),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let resource = Arc::new(
+            Resource::builder_empty()
+                .with_attributes([KeyValue::new("process.pid", pid)])
+                .build(),
+        );
+        let (spans, encoded) = if encoded {
+            let encoded = spans
+                .into_iter()
+                .map(|span| {
+                    EncodedSpan::new(ExportItem {
+                        resource_id: pid as u64,
+                        resource: Arc::clone(&resource),
+                        span,
+                    })
+                })
+                .collect();
+            (Vec::new(), encoded)
+        } else {
+            (spans, Vec::new())
+        };
         ResourceGroup {
             resource_id: pid as u64,
-            resource: Arc::new(
-                Resource::builder_empty()
-                    .with_attributes([KeyValue::new("process.pid", pid)])
-                    .build(),
-            ),
+            resource,
             spans,
+            encoded,
         }
     }
 
@@ -592,15 +626,17 @@ mod tests {
             // A large request, then smaller ones: reused buffers must not leak the tail of an
             // earlier one, nor the compressor its history.
             for (pid, ids) in [(7, 1..300), (8, 300..302), (7, 5..6), (9, 40..140)] {
-                let group = group(pid, ids.clone());
-                let body = sink.body(&group).expect("body");
-                let (got_pid, got_ids) = received(&body, gzip);
-                assert_eq!(
-                    got_pid,
-                    format!("{:?}", Some(any_int(pid))),
-                    "{compression:?}"
-                );
-                assert_eq!(got_ids, ids.collect::<Vec<_>>(), "{compression:?}");
+                let mut bodies = Vec::new();
+                for encoded in [true, false] {
+                    let group = group(pid, ids.clone(), encoded);
+                    let body = sink.body(&group).expect("body");
+                    let (got_pid, got_ids) = received(&body, gzip);
+                    let what = format!("{compression:?}, encoded when queued: {encoded}");
+                    assert_eq!(got_pid, format!("{:?}", Some(any_int(pid))), "{what}");
+                    assert_eq!(got_ids, ids.clone().collect::<Vec<_>>(), "{what}");
+                    bodies.push(if gzip { gunzip(&body) } else { body.to_vec() });
+                }
+                assert_eq!(bodies[0], bodies[1], "the same request either way");
             }
         }
     }
