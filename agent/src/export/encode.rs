@@ -6,13 +6,20 @@
 //!
 //! # Lengths
 //! A nested message is preceded by its length, so the length must be known before its bytes are
-//! written. This encoder computes sizes first: a sizing pass over a resource's spans records
-//! each span's size (and sums them per scope), then the writing pass writes with those sizes;
-//! the small messages inside a span (attributes, events, links, status) are sized on the fly
-//! while writing, which is only arithmetic on string lengths. The alternative, reserving room
-//! for a length and patching it afterwards, needs either padded varints (valid protobuf, but not
-//! the canonical form some receivers and our tests compare against) or moving the bytes written
-//! since. Knowing the total also lets the buffer grow once per resource.
+//! written. A span is written after a guessed 2 bytes for its length (128 bytes to 16 KiB),
+//! filled in once the span is written; a wrong guess moves the span's bytes, which are still in
+//! the cache then. The small messages inside a span (attributes, events, links, status) are
+//! sized on the fly while writing, which is only arithmetic on string lengths. The messages
+//! around the spans (`ScopeSpans`, `ResourceSpans`) are assembled from encoded spans, whose
+//! lengths are known. Padding a length to a fixed width instead would be valid protobuf, but
+//! not the canonical form some receivers and our tests compare against.
+//!
+//! # Encoded early
+//! The OTLP/HTTP exporter encodes each span when it is queued ([`encode_span`], called by
+//! `ExportHandle::submit`), while the span's strings are still in the cache from being built,
+//! and drops it then; a request is later assembled from those bytes
+//! ([`TraceEncoder::write_resource_spans`]). [`TraceEncoder::encode_resource_spans`] goes the
+//! same way, so the tests comparing it with opentelemetry-proto cover both.
 //!
 //! # The output
 //! The same message opentelemetry-proto's `group_spans_by_resource_and_scope` builds, and the
@@ -105,12 +112,27 @@ const FLAG_IS_REMOTE: u32 = 0x200;
 /// buffer) for every request so neither allocates once warm.
 #[derive(Debug, Default)]
 pub struct TraceEncoder {
-    /// Encoded size of each span of the resource being written (sizing pass).
-    span_sizes: Vec<usize>,
     /// For each span of the resource being written, the index of its scope.
     span_scopes: Vec<usize>,
     /// For each item of [`Self::encode_request`], the index of its resource group.
     item_groups: Vec<usize>,
+    /// The spans of [`Self::encode_resource_spans`], encoded one after another.
+    spans: Vec<u8>,
+    /// Where each of those ends in `spans`.
+    span_ends: Vec<usize>,
+}
+
+/// The guessed width of a span's length: 128 bytes to 16 KiB.
+const SPAN_WIDTH_GUESS: usize = 2;
+
+/// Appends `span` as a `ScopeSpans.spans` field (key, length, `Span`): what
+/// [`TraceEncoder::write_resource_spans`] assembles requests from.
+pub(super) fn encode_span(out: &mut Vec<u8>, span: &SpanData) {
+    out.push(key::SCOPE_SPANS_SPANS);
+    let at = out.len();
+    out.extend_from_slice(&[0; SPAN_WIDTH_GUESS]);
+    put_span(out, span);
+    fill_len(out, at, SPAN_WIDTH_GUESS);
 }
 
 impl TraceEncoder {
@@ -157,13 +179,38 @@ impl TraceEncoder {
     where
         I: Iterator<Item = &'a SpanData> + Clone,
     {
-        // Sizing pass: each span's size, its scope, and each ScopeSpans' size.
-        self.span_sizes.clear();
-        self.span_scopes.clear();
-        // (scope, size of its ScopeSpans); agents have one or a few scopes, so a linear search.
-        let mut scopes: Vec<(&InstrumentationScope, usize)> = Vec::new();
+        let mut encoded = std::mem::take(&mut self.spans);
+        let mut ends = std::mem::take(&mut self.span_ends);
+        encoded.clear();
+        ends.clear();
         for span in spans.clone() {
-            let scope = &span.instrumentation_scope;
+            encode_span(&mut encoded, span);
+            ends.push(encoded.len());
+        }
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let items = spans
+            .zip(starts.zip(&ends))
+            .map(|(span, (start, end))| (&span.instrumentation_scope, &encoded[start..*end]));
+        self.write_resource_spans(out, resource, items);
+        self.spans = encoded;
+        self.span_ends = ends;
+    }
+
+    /// Appends to `out` one `ResourceSpans` holding `spans`: each span's scope and its bytes
+    /// from [`encode_span`].
+    pub(super) fn write_resource_spans<'a, I>(
+        &mut self,
+        out: &mut Vec<u8>,
+        resource: &Resource,
+        spans: I,
+    ) where
+        I: Iterator<Item = (&'a InstrumentationScope, &'a [u8])> + Clone,
+    {
+        // Each span's scope and each ScopeSpans' size; agents have one or a few scopes, so a
+        // linear search.
+        self.span_scopes.clear();
+        let mut scopes: Vec<(&InstrumentationScope, usize)> = Vec::new();
+        for (scope, bytes) in spans.clone() {
             let index = match scopes
                 .iter()
                 .position(|(known, _)| same_scope(known, scope))
@@ -175,10 +222,8 @@ impl TraceEncoder {
                     scopes.len() - 1
                 }
             };
-            let size = span_size(span);
-            self.span_sizes.push(size);
+            scopes[index].1 += bytes.len();
             self.span_scopes.push(index);
-            scopes[index].1 += len_field(size);
         }
         let resource_size = resource_size(resource);
         let mut body = len_field(resource_size) + str_field(resource.schema_url().unwrap_or(""));
@@ -186,7 +231,6 @@ impl TraceEncoder {
             body += len_field(*size);
         }
 
-        // Writing pass.
         out.reserve(len_field(body));
         let start = out.len();
         out.push(key::REQUEST_RESOURCE_SPANS);
@@ -206,11 +250,9 @@ impl TraceEncoder {
             for kv in scope.attributes() {
                 put_key_value(out, key::SCOPE_ATTRIBUTES, kv.key.as_str(), &kv.value);
             }
-            let sized = spans.clone().zip(&self.span_sizes).zip(&self.span_scopes);
-            for ((span, size), _) in sized.filter(|(_, of)| **of == index) {
-                out.push(key::SCOPE_SPANS_SPANS);
-                put_varint(out, *size as u64);
-                put_span(out, span);
+            let of_scope = spans.clone().zip(&self.span_scopes);
+            for ((_, bytes), _) in of_scope.filter(|(_, of)| **of == index) {
+                out.extend_from_slice(bytes);
             }
             put_str(out, key::SCOPE_SPANS_SCHEMA_URL, scope_schema(scope));
         }
@@ -225,6 +267,28 @@ impl TraceEncoder {
             "sizing and writing disagree"
         );
     }
+}
+
+/// Writes into the `reserved` bytes at `at` the length of what follows them up to the end of
+/// `out`, moving those bytes if the length takes another width. Returns the width.
+fn fill_len(out: &mut Vec<u8>, at: usize, reserved: usize) -> usize {
+    let body = at + reserved;
+    let len = out.len() - body;
+    let width = varint_len(len as u64);
+    if width > reserved {
+        out.resize(out.len() + width - reserved, 0);
+        out.copy_within(body..body + len, at + width);
+    } else if width < reserved {
+        out.copy_within(body..body + len, at + width);
+        out.truncate(at + width + len);
+    }
+    let mut value = len as u64;
+    for byte in &mut out[at..at + width - 1] {
+        *byte = (value as u8) | 0x80;
+        value >>= 7;
+    }
+    out[at + width - 1] = value as u8;
+    width
 }
 
 /// Whether two spans share a `ScopeSpans`: `InstrumentationScope` equality, as
@@ -383,32 +447,6 @@ fn kind_value(kind: &SpanKind) -> u64 {
         SpanKind::Producer => 4,
         SpanKind::Consumer => 5,
     }
-}
-
-fn span_size(span: &SpanData) -> usize {
-    let mut size = 18 // trace_id: key, length, 16 bytes
-        + 10 // span_id
-        + str_field_len(trace_state_len(span.span_context.trace_state()))
-        + 6 // flags: two-byte key, fixed32 (never 0: HAS_IS_REMOTE is always set)
-        + str_field(&span.name)
-        + 1 + varint_len(kind_value(&span.span_kind))
-        + fixed64_field(nanos(span.start_time))
-        + fixed64_field(nanos(span.end_time))
-        + attributes_size(&span.attributes)
-        + varint_field(u64::from(span.dropped_attributes_count))
-        + varint_field(u64::from(span.events.dropped_count))
-        + varint_field(u64::from(span.links.dropped_count))
-        + len_field(status_size(&span.status));
-    if span.parent_span_id != SpanId::INVALID {
-        size += 10;
-    }
-    for event in span.events.iter() {
-        size += len_field(event_size(event));
-    }
-    for link in span.links.iter() {
-        size += len_field(link_size(link));
-    }
-    size
 }
 
 // ---- writing -------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 //! * [`Exporter`], the task's side: [`Exporter::start`] and [`Exporter::shutdown`].
 //!
 //! The other files: `worker.rs` batches, retries and shuts down; `otlp_http.rs` POSTs
-//! http/protobuf requests that `encode.rs` writes straight from the spans; `otlp.rs` talks gRPC
+//! http/protobuf requests that `encode.rs` writes straight from the spans (each encoded when
+//! [`ExportHandle::submit`] queues it); `otlp.rs` talks gRPC
 //! through opentelemetry-otlp; `console.rs` prints trace trees; `jsonl.rs` writes OTLP/JSON.
 //!
 //! # Queue bound
@@ -453,8 +454,12 @@ impl Shared {
 /// The pipeline's side of the export queue. Cheap to clone; [`Self::submit`] never waits.
 #[derive(Clone, Debug)]
 pub struct ExportHandle {
-    tx: mpsc::UnboundedSender<ExportItem>,
+    tx: mpsc::UnboundedSender<worker::Queued>,
     shared: Arc<Shared>,
+    /// Encode each span here (OTLP/HTTP): its strings are still in the cache from being built,
+    /// which makes it cheaper than in the batch later, and the queue holds a few hundred bytes
+    /// per span instead of the span.
+    encode: bool,
 }
 
 impl ExportHandle {
@@ -466,8 +471,13 @@ impl ExportHandle {
             self.shared.metrics.drop_spans(SpanDrop::QueueFull, 1);
             return false;
         }
+        let queued = if self.encode {
+            worker::Queued::Encoded(worker::EncodedSpan::new(item))
+        } else {
+            worker::Queued::Span(Box::new(item))
+        };
         // The channel is unbounded; `held` is the bound, so a send never waits.
-        if self.tx.send(item).is_err() {
+        if self.tx.send(queued).is_err() {
             self.shared.dropped(SpanDrop::Shutdown, 1);
             return false;
         }
@@ -525,6 +535,7 @@ impl Exporter {
             capacity: config.queue_size,
             metrics,
         });
+        let encode = sink.takes_encoded();
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let worker = worker::Worker::new(rx, sink, config, Arc::clone(&shared), stop_rx);
@@ -535,7 +546,7 @@ impl Exporter {
                 task,
                 shared: Arc::clone(&shared),
             },
-            ExportHandle { tx, shared },
+            ExportHandle { tx, shared, encode },
         ))
     }
 
