@@ -30,6 +30,10 @@ use tracer_common::{
     role, syscall,
 };
 
+/// The agent's allocator, so the figures are the agent's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const REQUEST: &[u8] = b"GET /api/items?id=42 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\
 User-Agent: curl/7.88.1\r\nAccept: */*\r\n\
 traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
