@@ -56,19 +56,19 @@ fn exporter_kind(cli: &Cli) -> Option<ExporterKind> {
     }
 }
 
-/// See agent/Cargo.toml: glibc malloc was a quarter of the pipeline's CPU under load.
+/// Why mimalloc: see agent/Cargo.toml.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (mimalloc.h, v3): how long freed pages wait before they
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2): how long freed pages wait before they
 /// go back to the kernel. `allocator_option_indices_match_mimalloc` checks the index.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-/// Its default in mimalloc v3 (options.c), in milliseconds.
-const MI_PURGE_DELAY_DEFAULT_MS: std::ffi::c_long = 1000;
+/// Its default in mimalloc v2 (options.c), in milliseconds.
+const MI_PURGE_DELAY_DEFAULT_MS: std::ffi::c_long = 10;
 
 /// Startup (BTF, ELF and /proc parsing) frees tens of MiB it allocated a moment before; with
 /// the delay those pages were still held when the next ones were taken, and the agent peaked
-/// at 78 MiB instead of 53 (measured). Purging at once costs CPU per free, so only for then.
+/// at 67 MiB instead of 52 (measured). Purging at once costs CPU per free, so only for then.
 fn purge_freed_memory_at_once(at_once: bool) {
     let delay = if at_once {
         0
