@@ -7,9 +7,9 @@
 //! exporting (from `shutdown` until every span was delivered: the export task), and both.
 //!
 //! Run: `cargo bench -p tracer-agent --bench export` (prints the median of several rounds).
+mod support;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::TcpListener,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -28,44 +28,6 @@ use tracer_agent::{
 // The agent's allocator, so allocation and drop costs are the agent's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// An OTLP/HTTP endpoint that reads each request and answers 200, on its own thread.
-fn sink() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
-    let addr = listener.local_addr().expect("sink address");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                loop {
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let lower = line.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                    if reader.get_mut().write_all(reply).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
-}
 
 fn resource(pid: i64) -> Arc<Resource> {
     Arc::new(
@@ -145,7 +107,7 @@ fn round(runtime: &tokio::runtime::Runtime, count: usize, processes: usize) -> (
         let metrics = Arc::new(Metrics::new());
         let mut config = ExportConfig::new(ExporterKind::Otlp {
             protocol: Some(OtlpProtocol::HttpProtobuf),
-            endpoint: Some(sink()),
+            endpoint: Some(support::sink()),
         });
         config.queue_size = count + 1;
         let (exporter, handle) = Exporter::start(config, metrics.clone()).expect("exporter");

@@ -5,10 +5,10 @@
 //!
 //! Run: `cargo bench -p tracer-agent --bench pipeline` (prints ns per exchange). `cargo xtask
 //! bench` runs it too, beside the kernel-side figures.
+mod support;
+
 use std::{
     hint::black_box,
-    io::{BufRead, BufReader, Read, Write},
-    net::TcpListener,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -130,45 +130,6 @@ fn connection(conn_id: u64, exchanges: usize, start_ns: u64) -> Vec<Vec<u8>> {
     records
 }
 
-/// An OTLP/HTTP endpoint that reads each request and answers 200, on its own thread so the
-/// measured thread only pays for the agent's side.
-fn sink() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
-    let addr = listener.local_addr().expect("sink address");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                loop {
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let lower = line.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                    if reader.get_mut().write_all(reply).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
 type Dump = tracer_agent::dump::Dump<std::io::Sink>;
 
 /// A real gRPC capture (grpcio, 60 unary calls on one connection), as `C hex` (client to
@@ -227,7 +188,7 @@ fn measure(
         let metrics = Arc::new(Metrics::new());
         let mut config = ExportConfig::new(ExporterKind::Otlp {
             protocol: Some(OtlpProtocol::HttpProtobuf),
-            endpoint: Some(sink()),
+            endpoint: Some(support::sink()),
         });
         // Room for every span: the figure is the cost of exporting them all, not of dropping.
         config.queue_size = queue + 1;
