@@ -811,8 +811,8 @@ impl Selector {
     }
 }
 
-/// The thread group (process) of a task id, None when it is gone.
-fn thread_group(tid: u32) -> Option<u32> {
+/// The thread group (process) of a task id (Tgid in /proc/TID/status), None when it is gone.
+pub(crate) fn thread_group(tid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     status
         .lines()

@@ -423,7 +423,7 @@ impl Tls {
             let Some(started) = start_time(pid) else {
                 continue;
             };
-            let thread = thread_group(pid).is_some_and(|tgid| tgid != pid);
+            let thread = crate::select::thread_group(pid).is_some_and(|tgid| tgid != pid);
             self.processes.insert(
                 pid,
                 Process {
@@ -697,15 +697,6 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold anything: count from after it.
     let after = &stat[stat.rfind(')')? + 1..];
     after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The process `tid` belongs to (Tgid in /proc/TID/status).
-fn thread_group(tid: u32) -> Option<u32> {
-    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Tgid:"))
-        .and_then(|tgid| tgid.trim().parse().ok())
 }
 
 fn comm(pid: u32) -> String {
