@@ -205,11 +205,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let targets = probes.targets.clone();
         tls.scan(&mut probes, &targets, std::time::Instant::now());
     }
-    // Last, once every exit probe is attached and the selection is in the traced set.
-    let blocked = probes.targets.clone();
-    let (adopted, failed) = probes.adopt_blocked(&blocked);
-    metrics.syscalls_adopted.inc_by(adopted);
-    metrics.syscalls_adopt_failed.inc_by(failed);
     metrics.probes_attached.set(probes.attached as u64);
     metrics.set_ready(true, "all probes attached");
     // The startup transient is over.

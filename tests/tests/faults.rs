@@ -771,8 +771,8 @@ for n in (1, 2):
 "#;
 
 /// The server thread of an idle keep-alive connection sits in read() when the agent starts, so
-/// the probes never see that read's entry; the agent adopts it from /proc and the next request
-/// on the connection is traced like any other.
+/// the syscall began before any probe was attached; the request that wakes it is still traced
+/// like any other (the exit probe reads the syscall's arguments from the saved registers).
 #[test]
 fn a_read_already_blocked_when_the_agent_starts_is_captured() {
     let mut server = Peer::python("keep-alive server", KEEPALIVE_SERVER, &[]);
@@ -790,8 +790,6 @@ fn a_read_already_blocked_when_the_agent_starts_is_captured() {
     receiver.wait_spans("the request after the agent started", SPAN_WAIT, |spans| {
         spans.iter().any(|s| s.str("url.query") == Some("n=2"))
     });
-    let adopted = agent.metric("tracer_syscalls_adopted_total");
-    let failed = agent.metric("tracer_syscalls_adopt_failed_total");
     agent.stop_ok();
     let spans = receiver.spans();
     let second: Vec<&ReceivedSpan> = spans
@@ -806,8 +804,6 @@ fn a_read_already_blocked_when_the_agent_starts_is_captured() {
         "a request made before the agent started has a span\n{}",
         summaries(&spans)
     );
-    assert!(adopted >= 1.0, "tracer_syscalls_adopted_total = {adopted}");
-    assert_eq!(failed, 0.0, "tracer_syscalls_adopt_failed_total");
 }
 
 /// An untraced client looping until told to stop: every 50 ms one GET on its one keep-alive

@@ -2,7 +2,6 @@
 //! requested processes, and turns ring buffer records into typed events. Owns the kernel side
 //! of the agent; nothing else touches aya.
 pub mod assemble;
-pub mod blocked;
 pub mod decode;
 pub mod privileges;
 
@@ -20,16 +19,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        TracePoint, UProbe,
+        RawTracePoint, TracePoint, UProbe,
+        raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use log::{debug, info, warn};
 use tokio::io::unix::AsyncFd;
-use tracer_common::{Inflight, TRACED_PID_LIMIT, TracedSet, counter, traced};
+use tracer_common::{TRACED_PID_LIMIT, TracedSet, counter, traced};
 
 /// The probes, built by build.rs from ebpf-probes/kernel.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-probes"));
@@ -111,6 +111,8 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Every attachment, by program name, for `detach`.
     links: Vec<(String, TracePointLinkId)>,
+    /// The raw `sys_exit` attachment (program name, link).
+    raw_link: Option<(String, RawTracePointLinkId)>,
     /// The TLS uprobes (see `crate::tls`), by program name and the process they fire in
     /// (None: host-wide), for `detach` and `detach_ssl`.
     uprobe_links: Vec<(&'static str, Option<NonZeroU32>, UProbeLinkId)>,
@@ -120,8 +122,6 @@ pub struct Probes {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub events: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
-    /// Syscall entries by thread, for threads already blocked in one at attach (`blocked`).
-    inflight: BpfHashMap<MapData, u64, Inflight>,
     /// The kernel's traced set, mapped into the agent.
     pub traced: TracedPids,
     trace_all: bool,
@@ -176,11 +176,13 @@ fn mount_tracefs() -> io::Result<()> {
     }
 }
 
+/// The raw tracepoint every syscall exit passes, and the program attached to it.
+const SYS_EXIT: &str = "sys_exit";
+
 /// The tracepoint category of each of our programs, which are named after their tracepoint.
+/// `sys_exit` (a raw tracepoint) is attached on its own.
 fn category(program: &str) -> Option<&'static str> {
-    if program.starts_with("sys_enter_") || program.starts_with("sys_exit_") {
-        Some("syscalls")
-    } else if program.starts_with("sock_") || program == "inet_sock_set_state" {
+    if program.starts_with("sock_") || program == "inet_sock_set_state" {
         Some("sock")
     } else if program.starts_with("tcp_") {
         Some("tcp")
@@ -266,13 +268,34 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
     }
     let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
-    let inflight: BpfHashMap<MapData, u64, Inflight> = take_map(&mut ebpf, "INFLIGHT")?;
 
-    // Exits before syscall entries would leave stale in-flight entries; attach exit programs,
-    // sock and sched first, syscall entries last, so each entry finds its exit ready.
+    // The syscall exit first: the tracepoints inside syscalls only leave notes for it.
+    let raw_name = if config.floor {
+        "floor_sys_exit"
+    } else {
+        SYS_EXIT
+    };
+    let raw_error = |source| CaptureError::Attach {
+        program: raw_name.to_owned(),
+        category: "raw_syscalls",
+        name: SYS_EXIT.to_owned(),
+        source: Box::new(source),
+    };
+    let raw: &mut RawTracePoint = ebpf
+        .program_mut(raw_name)
+        .ok_or_else(|| CaptureError::Missing {
+            what: "program",
+            name: raw_name.to_owned(),
+        })?
+        .try_into()
+        .map_err(raw_error)?;
+    raw.load().map_err(raw_error)?;
+    let raw_link = raw.attach(SYS_EXIT).map_err(raw_error)?;
+    let raw_link = Some((raw_name.to_owned(), raw_link));
+
     let mut names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
-    names.sort_by_key(|name| (name.starts_with("sys_enter_"), name.clone()));
-    let mut attached = 0;
+    names.sort();
+    let mut attached = 1;
     let mut links = Vec::new();
     let mut floor_loaded = false;
     for name in names {
@@ -326,12 +349,12 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         targets,
         ebpf,
         links,
+        raw_link,
         uprobe_links: Vec::new(),
         uprobes_loaded: false,
         logger,
         events: register(events).map_err(CaptureError::Poll)?,
         counters,
-        inflight,
         attached,
     })
 }
@@ -517,50 +540,6 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 }
 
 impl Probes {
-    /// Adopts the socket syscalls that threads of `pids` are blocked in now, so that what they
-    /// return is captured (see `blocked`). Call after attaching, once the pids are traced.
-    /// Returns (adopted, failed): failed are threads that could not be read and records the
-    /// map refused; their data will be missed, as it would have been without adoption.
-    pub fn adopt_blocked(&mut self, pids: &[u32]) -> (u64, u64) {
-        // BPF_NOEXIST: an entry the probe wrote since is newer than what /proc showed.
-        const NO_EXIST: u64 = 1;
-        let now = crate::clock::Clock::monotonic_now();
-        let (mut adopted, mut failed) = (0u64, 0u64);
-        let mut first_error = None;
-        for &pid in pids {
-            let scan = blocked::scan(pid, now);
-            failed += scan.denied as u64;
-            for (key, inflight) in scan.found {
-                match self.inflight.insert(key, inflight, NO_EXIST) {
-                    Ok(()) => adopted += 1,
-                    // The thread returned and entered a new syscall meanwhile: nothing lost.
-                    Err(aya::maps::MapError::SyscallError(err))
-                        if err.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(err) => {
-                        failed += 1;
-                        first_error.get_or_insert_with(|| format!("pid {pid}: {err}"));
-                    }
-                }
-            }
-        }
-        if adopted > 0 {
-            info!(
-                "{adopted} socket syscall(s) already in progress adopted (blocked reads, accepts)"
-            );
-        }
-        if failed > 0 {
-            warn!(
-                "{failed} thread(s) possibly blocked in socket I/O could not be adopted ({}); \
-                 the data of those calls is missed; counted in \
-                 tracer_syscalls_adopt_failed_total",
-                first_error
-                    .as_deref()
-                    .unwrap_or("their /proc/PID/task/TID/syscall is not readable")
-            );
-        }
-        (adopted, failed)
-    }
-
     /// Current kernel counters summed over CPUs.
     pub fn counters(&self) -> KernelCounters {
         let mut totals = KernelCounters::default();
@@ -594,6 +573,16 @@ impl Probes {
     /// share grace periods. The maps stay readable, so the ring buffer can still be drained.
     pub fn detach(&mut self) {
         let mut taken = Vec::new();
+        let mut taken_raw = None;
+        if let Some((name, link)) = self.raw_link.take() {
+            let program: Option<&mut RawTracePoint> =
+                self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
+            match program.map(|p| p.take_link(link)) {
+                Some(Ok(link)) => taken_raw = Some(link),
+                Some(Err(err)) => warn!("detaching {name}: {err}"),
+                None => warn!("detaching {name}: program not found"),
+            }
+        }
         for (name, link) in self.links.drain(..) {
             let program: Option<&mut TracePoint> =
                 self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
@@ -610,6 +599,9 @@ impl Probes {
             }
         }
         std::thread::scope(|scope| {
+            if let Some(link) = taken_raw {
+                scope.spawn(move || drop(link));
+            }
             for link in taken {
                 scope.spawn(move || drop(link));
             }

@@ -323,10 +323,8 @@ pub struct ConnKey {
     pub fd: i32,
 }
 
-/// The arguments of a socket syscall in progress, by thread (`INFLIGHT`, keyed by pid_tgid), from
-/// its entry to its exit. The probes write it at `sys_enter_*`; the agent writes it for threads
-/// that were already blocked in such a syscall when the probes were attached (their entry was
-/// never seen), so that the data they return is captured too.
+/// A socket read or write as the probes see it at its end: the syscall's arguments (from the
+/// registers at `sys_exit`, or an SSL_* call's from its uprobe) and its socket. Kernel-side only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
@@ -359,7 +357,6 @@ mod pod {
     unsafe impl aya::Pod for super::TracedSet {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ListenEvent {}
-    unsafe impl aya::Pod for super::Inflight {}
 }
 
 // No padding anywhere: the size is the sum of the fields.

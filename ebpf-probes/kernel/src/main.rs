@@ -2,13 +2,14 @@
 //! unavailable (see shared notes on the kernel).
 //!
 //! How a socket read or write becomes events:
-//! * `sys_enter_*` of a traced process saves the syscall's arguments in `INFLIGHT`;
-//! * `sock:sock_{send,recv}_length`, which fire inside the syscall in the caller's context, add
-//!   the socket (sk pointer, family, protocol), so files and pipes are told apart from sockets
-//!   without kprobes;
-//! * `sys_exit_*` knows how many bytes moved, copies up to the capture limit from user memory
+//! * `sock:sock_{send,recv}_length`, which fire inside the syscall in the caller's context, put
+//!   the socket (sk pointer, family, protocol) in this CPU's `SLOT`, so files and pipes are told
+//!   apart from sockets without kprobes; `tcp:tcp_sendmsg_locked` adds when a send began;
+//! * the raw `sys_exit` tracepoint reads the syscall and its arguments from the saved user
+//!   registers, knows how many bytes moved, copies up to the capture limit from user memory
 //!   and writes `DataEvent` chunks to `EVENTS`, each placed by its byte position in that
-//!   direction of the connection.
+//!   direction of the connection. No entry probes: a syscall already blocked when the probes
+//!   were attached is captured like any other.
 //!
 //! Connection tuples and roles come from `sock:inet_sock_set_state` (and
 //! `tcp:tcp_rcv_space_adjust` for connections older than the agent), keyed by sk pointer.
@@ -33,9 +34,9 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes,
         generated::{bpf_get_smp_processor_id, bpf_loop, bpf_probe_read_user},
     },
-    macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
@@ -80,12 +81,6 @@ static TRACED: Array<TracedSet> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// Ports whose listeners are traced (non-zero), indexed by port number.
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
-
-/// Syscalls in flight, keyed by pid_tgid. Not LRU: evicting a live entry would lose data
-/// silently, while a failed insert is counted. Threads that exit mid-syscall are removed in
-/// sched_process_exit, so entries cannot leak.
-#[map]
-static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(65_536, 0);
 
 /// Tracked connections by (tgid, fd). LRU so fds we never saw closed cannot fill it.
 #[map]
@@ -157,12 +152,6 @@ const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_LISTEN: i32 = 10;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
-
-/// Offset of syscall argument `n` in a `syscalls:sys_enter_*` record; of `ret` in sys_exit_*.
-const fn arg(n: usize) -> usize {
-    16 + 8 * n
-}
-const RET: usize = 16;
 
 // ---- small helpers ----
 
@@ -294,78 +283,61 @@ fn new_conn_id() -> u64 {
     (seq << 10) | (cpu & 1023)
 }
 
-// ---- syscall entry: remember arguments ----
+// ---- inside the syscall: which socket, and when sending began ----
 
-#[inline(always)]
-fn enter(ctx: &TracePointContext, nr: u32, fd: i32, buf: u64, count_arg: u64) -> u32 {
+/// Ties a syscall's socket to its exit. Tracepoints inside the syscall fill the slot of the CPU
+/// it runs on; the exit takes it if it belongs to the exiting thread and agrees on the byte
+/// count. Per CPU, not per thread: no hash map work on every socket syscall. A thread that slept
+/// or moved CPU between the two loses its slot; its exit then goes by the connection already
+/// known on that fd (`known_conn`), so only a connection's very first syscall depends on it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Slot {
+    pid_tgid: u64,
+    /// The socket (0 until sock_*_length or inet_sock_set_state name it).
+    sk: u64,
+    /// Bytes sock_*_length reported, summed (sendfile and *mmsg send in several rounds).
+    bytes: u64,
+    /// When the syscall's first send round began (tcp_sendmsg_locked), 0 if unseen.
+    send_ns: u64,
+    family: u16,
+    protocol: u16,
+    _pad: u32,
+}
+
+#[map]
+static SLOT: PerCpuArray<Slot> = PerCpuArray::with_max_entries(1, 0);
+
+/// A send round this much later than the slot's first is taken for a new syscall: the slot was
+/// left by a thread that moved CPU mid-send, not started by this syscall.
+const SEND_STALE_NS: u64 = 100_000_000;
+
+/// Fires at each round of a TCP send, before its bytes are queued: the start of a write.
+#[tracepoint]
+pub fn tcp_sendmsg_locked(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let inflight = Inflight {
-        enter_ns: unsafe { bpf_ktime_get_ns() },
-        buf,
-        count: count_arg,
-        sk: 0,
-        fd,
-        syscall: nr,
-        sk_family: 0,
-        sk_protocol: 0,
-        recv_flags: 0,
+    let Some(slot) = SLOT.get_ptr_mut(0) else {
+        return 0;
     };
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err()
-        && count(counter::LOSS_INFLIGHT_MAP_FULL, 1) == 0
-    {
-        warn!(
-            ctx,
-            "in-flight syscall map full: socket I/O is being missed"
-        );
+    let now = unsafe { bpf_ktime_get_ns() };
+    let slot = unsafe { &mut *slot };
+    if slot.pid_tgid == pid_tgid && slot.send_ns != 0 && now - slot.send_ns < SEND_STALE_NS {
+        return 0; // a later round of the same send
     }
+    *slot = Slot {
+        pid_tgid,
+        sk: 0,
+        bytes: 0,
+        send_ns: now,
+        family: 0,
+        protocol: 0,
+        _pad: 0,
+    };
     0
 }
-
-/// Entry of a syscall with (fd, pointer, count) arguments.
-#[inline(always)]
-fn enter3(ctx: &TracePointContext, nr: u32) -> u32 {
-    let fd: u64 = read(ctx, arg(0));
-    let buf: u64 = read(ctx, arg(1));
-    let n: u64 = read(ctx, arg(2));
-    enter(ctx, nr, fd as i32, buf, n)
-}
-
-macro_rules! enter_programs {
-    ($($name:ident => $nr:expr),* $(,)?) => {$(
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            enter3(&ctx, $nr)
-        }
-    )*};
-}
-
-enter_programs! {
-    sys_enter_read => syscall::READ,
-    sys_enter_write => syscall::WRITE,
-    sys_enter_readv => syscall::READV,
-    sys_enter_writev => syscall::WRITEV,
-    sys_enter_recvfrom => syscall::RECVFROM,
-    sys_enter_sendto => syscall::SENDTO,
-    sys_enter_recvmsg => syscall::RECVMSG,
-    sys_enter_sendmsg => syscall::SENDMSG,
-    sys_enter_recvmmsg => syscall::RECVMMSG,
-    sys_enter_sendmmsg => syscall::SENDMMSG,
-    sys_enter_connect => syscall::CONNECT,
-    sys_enter_accept => syscall::ACCEPT,
-    sys_enter_accept4 => syscall::ACCEPT4,
-}
-
-#[tracepoint]
-pub fn sys_enter_sendfile64(ctx: TracePointContext) -> u32 {
-    let out_fd: u64 = read(&ctx, arg(0));
-    let n: u64 = read(&ctx, arg(3));
-    enter(&ctx, syscall::SENDFILE, out_fd as i32, 0, n)
-}
-
-// ---- inside the syscall: which socket ----
 
 #[inline(always)]
 fn sock_length(ctx: &TracePointContext) -> u32 {
@@ -373,19 +345,23 @@ fn sock_length(ctx: &TracePointContext) -> u32 {
     if !is_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let Some(inflight) = INFLIGHT.get_ptr_mut(pid_tgid) else {
+    let Some(slot) = SLOT.get_ptr_mut(0) else {
         return 0;
     };
     let sk: u64 = read(ctx, 8);
-    let family: u16 = read(ctx, 16);
-    let protocol: u16 = read(ctx, 18);
-    let flags: i32 = read(ctx, 24);
-    unsafe {
-        (*inflight).sk = sk;
-        (*inflight).sk_family = family;
-        (*inflight).sk_protocol = protocol;
-        (*inflight).recv_flags |= flags as u32;
+    let ret: i32 = read(ctx, 20);
+    let bytes = if ret > 0 { ret as u64 } else { 0 };
+    let slot = unsafe { &mut *slot };
+    if slot.pid_tgid == pid_tgid && (slot.sk == 0 || slot.sk == sk) {
+        slot.bytes += bytes;
+    } else {
+        slot.pid_tgid = pid_tgid;
+        slot.bytes = bytes;
+        slot.send_ns = 0;
     }
+    slot.sk = sk;
+    slot.family = read(ctx, 16);
+    slot.protocol = read(ctx, 18);
     0
 }
 
@@ -397,6 +373,19 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     sock_length(&ctx)
+}
+
+/// The slot of the exiting thread, if this CPU's is its; the slot is emptied either way.
+#[inline(always)]
+fn take_slot(pid_tgid: u64) -> Option<Slot> {
+    let slot = SLOT.get_ptr_mut(0)?;
+    let slot = unsafe { &mut *slot };
+    if slot.pid_tgid != pid_tgid {
+        return None;
+    }
+    let taken = *slot;
+    slot.pid_tgid = 0;
+    Some(taken)
 }
 
 /// Tuple fields common to inet_sock_set_state and tcp_rcv_space_adjust, at their offsets.
@@ -467,15 +456,21 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         0,
     );
     // SYN_SENT fires inside connect() in the caller's context: that ties fd to sk.
+    let pid_tgid = bpf_get_current_pid_tgid();
     if new == TCP_SYN_SENT
-        && let Some(inflight) = INFLIGHT.get_ptr_mut(bpf_get_current_pid_tgid())
+        && is_traced((pid_tgid >> 32) as u32)
+        && let Some(slot) = SLOT.get_ptr_mut(0)
     {
         unsafe {
-            if (*inflight).syscall == syscall::CONNECT {
-                (*inflight).sk = sk;
-                (*inflight).sk_family = tuple.family;
-                (*inflight).sk_protocol = IPPROTO_TCP;
-            }
+            *slot = Slot {
+                pid_tgid,
+                sk,
+                bytes: 0,
+                send_ns: 0,
+                family: tuple.family,
+                protocol: IPPROTO_TCP,
+                _pad: 0,
+            };
         }
     }
     0
@@ -524,7 +519,7 @@ fn listen(ctx: &TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) || INFLIGHT.get_ptr(pid_tgid).is_none() {
+    if !is_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
     let sk: u64 = read(&ctx, 8);
@@ -572,9 +567,6 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let group_dead: u8 = read(&ctx, 32);
-    if was_traced {
-        let _ = INFLIGHT.remove(pid_tgid);
-    }
     // Excluded processes' bytes are cleared too, so a reused pid starts untraced.
     if tid != tgid {
         set_state(tid, traced::NONE);
@@ -707,8 +699,10 @@ fn emit_close(pid_tgid: u64, fd: i32, conn: &ConnState) {
     });
 }
 
-/// The connection on (tgid, fd) for socket `sk`, created (and announced) on first sight.
-fn conn_for(ctx: &TracePointContext, pid_tgid: u64, inflight: &Inflight) -> Option<*mut ConnState> {
+/// The connection on (tgid, fd), created (and announced) on first sight of socket `sk`. With `sk`
+/// 0 (the socket was not seen in this syscall, see `Slot`) only a connection already known on
+/// the fd is returned: the fd cannot be told from a file or pipe otherwise.
+fn conn_for<C: EbpfContext>(ctx: &C, pid_tgid: u64, inflight: &Inflight) -> Option<*mut ConnState> {
     let (fd, sk, nr) = (inflight.fd, inflight.sk, inflight.syscall);
     let key = ConnKey {
         tgid: (pid_tgid >> 32) as u32,
@@ -721,7 +715,7 @@ fn conn_for(ctx: &TracePointContext, pid_tgid: u64, inflight: &Inflight) -> Opti
             // Accepted earlier; its socket shows itself on first I/O.
             existing.sk = sk;
         }
-        if existing.sk == sk {
+        if sk == 0 || existing.sk == sk {
             if existing.announced == 0 {
                 existing.announced = 1;
                 existing.tls = tls::starts_tls(pid_tgid, first_byte(inflight));
@@ -737,6 +731,9 @@ fn conn_for(ctx: &TracePointContext, pid_tgid: u64, inflight: &Inflight) -> Opti
         }
         // The fd now names another socket: the old one was closed unseen (dup2, exec...).
         emit_close(pid_tgid, fd, existing);
+    }
+    if sk == 0 {
+        return None;
     }
     if let Some(info) = unsafe { SOCKS.get(sk) } {
         role = info.role;
@@ -761,112 +758,58 @@ fn conn_for(ctx: &TracePointContext, pid_tgid: u64, inflight: &Inflight) -> Opti
     CONNS.get_ptr_mut(key)
 }
 
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = take_inflight(pid_tgid) else {
-        return 0;
-    };
-    let ret: i64 = read(&ctx, RET);
-    if (ret != 0 && ret != -EINPROGRESS) || inflight.sk == 0 {
-        return 0;
-    }
-    let key = ConnKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd: inflight.fd,
-    };
-    let state = ConnState {
-        id: new_conn_id(),
-        sk: inflight.sk,
-        pos: [0, 0],
-        role: role::CLIENT,
-        announced: 0,
-        tls: 0,
-        _pad: 0,
-    };
-    if CONNS.insert(key, state, 0).is_err() && count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
-        warn!(&ctx, "connection map full: a connection is not traced");
-    }
-    0
-}
-
+/// A new connection on (tgid, fd), announced at its first I/O or close.
 #[inline(always)]
-fn exit_accept(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if take_inflight(pid_tgid).is_none() {
-        return 0;
-    }
-    let fd: i64 = read(ctx, RET);
-    if fd < 0 {
-        return 0;
-    }
-    // The accepted socket is not visible here; the first read or write fills it in.
+fn track<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, sk: u64, role: u32) {
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd,
+    };
     let state = ConnState {
         id: new_conn_id(),
-        sk: 0,
+        sk,
         pos: [0, 0],
-        role: role::SERVER,
+        role,
         announced: 0,
         tls: 0,
         _pad: 0,
-    };
-    let key = ConnKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd: fd as i32,
     };
     if CONNS.insert(key, state, 0).is_err() && count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
         warn!(ctx, "connection map full: a connection is not traced");
     }
-    0
 }
 
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    exit_accept(&ctx)
-}
-
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    exit_accept(&ctx)
-}
-
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !is_traced(tgid) {
-        return 0;
+/// connect(): the socket comes from SYN_SENT, which fired inside the call. Without it (a
+/// blocking connect slept and its slot was taken) the first I/O finds the socket instead.
+#[inline(always)]
+fn exit_connect<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, slot: Option<Slot>, ret: i64) {
+    if ret != 0 && ret != -EINPROGRESS {
+        return;
     }
-    let fd: u64 = read(&ctx, arg(0));
+    if let Some(slot) = slot
+        && slot.sk != 0
+    {
+        track(ctx, pid_tgid, fd, slot.sk, role::CLIENT);
+    }
+}
+
+/// close(): the fd is still in the registers, and the connection under it is ours to end.
+#[inline(always)]
+fn exit_close(pid_tgid: u64, fd: i32) {
     let key = ConnKey {
-        tgid,
-        fd: fd as i32,
+        tgid: (pid_tgid >> 32) as u32,
+        fd,
     };
     if let Some(conn) = unsafe { CONNS.get(key) } {
-        if conn.sk != 0 {
-            // A connection that never moved data is still shown, opened and closed.
-            if conn.announced == 0 {
-                emit_open(pid_tgid, fd as i32, conn, syscall::CLOSE);
-            }
-            emit_close(pid_tgid, fd as i32, conn);
+        // A connection that never moved data is still shown, opened and closed.
+        if conn.announced == 0 && conn.sk != 0 {
+            emit_open(pid_tgid, fd, conn, syscall::CLOSE);
+        }
+        if conn.announced != 0 || conn.sk != 0 {
+            emit_close(pid_tgid, fd, conn);
         }
         let _ = CONNS.remove(key);
     }
-    0
-}
-
-// ---- syscall exit: capture the bytes ----
-
-/// The saved entry of the syscall now exiting. Untraced processes stop at the bitmap check,
-/// before any hash map work.
-#[inline(always)]
-fn take_inflight(pid_tgid: u64) -> Option<Inflight> {
-    if !is_traced((pid_tgid >> 32) as u32) {
-        return None;
-    }
-    let inflight = unsafe { *INFLIGHT.get(pid_tgid)? };
-    let _ = INFLIGHT.remove(pid_tgid);
-    Some(inflight)
 }
 
 /// Where a syscall's bytes are in user memory.
@@ -897,22 +840,9 @@ const MMSGHDR_LEN: u64 = 56;
 const MMSG_SCAN: u64 = 64;
 
 #[inline(always)]
-fn read_user<T: Copy + Default>(addr: u64) -> Option<T> {
-    let mut value = T::default();
-    let ret = unsafe {
-        bpf_probe_read_user(
-            &mut value as *mut T as *mut _,
-            core::mem::size_of::<T>() as u32,
-            addr as *const _,
-        )
-    };
-    (ret == 0).then_some(value)
-}
-
-impl Default for Iovec {
-    fn default() -> Self {
-        Self { base: 0, len: 0 }
-    }
+fn read_user<T: Copy>(addr: u64) -> Option<T> {
+    // Into uninitialised memory: a zeroed value costs a byte-by-byte memset call in BPF.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const T) }.ok()
 }
 
 /// Sends one staged chunk of `fill` bytes.
@@ -1143,139 +1073,228 @@ fn emit_data(
     }
 }
 
-/// Common exit path: the syscall's socket must be TCP over IPv4/IPv6, else nothing is emitted.
+/// Common exit path of reads and writes: TCP over IPv4/IPv6 with bytes moved, else nothing.
 #[inline(always)]
-fn exit_io(ctx: &TracePointContext, dir: u32) -> Option<(u64, Inflight, *mut ConnState, i64)> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let inflight = take_inflight(pid_tgid)?;
-    let ret: i64 = read(ctx, RET);
-    if ret <= 0 || inflight.sk == 0 || inflight.sk_protocol != IPPROTO_TCP {
-        return None;
-    }
-    if inflight.sk_family != AF_INET && inflight.sk_family != AF_INET6 {
+fn exit_io<C: EbpfContext>(
+    ctx: &C,
+    pid_tgid: u64,
+    inflight: &Inflight,
+    ret: i64,
+    dir: u32,
+) -> Option<*mut ConnState> {
+    if ret <= 0 {
         return None;
     }
     if dir == direction::INGRESS && inflight.recv_flags & MSG_PEEK != 0 {
         return None;
     }
-    let conn = conn_for(ctx, pid_tgid, &inflight)?;
+    if inflight.sk != 0
+        && (inflight.sk_protocol != IPPROTO_TCP
+            || (inflight.sk_family != AF_INET && inflight.sk_family != AF_INET6))
+    {
+        return None;
+    }
+    let conn = conn_for(ctx, pid_tgid, inflight)?;
     if tls::ciphertext(pid_tgid, inflight.fd, conn, ret as u64) {
         return None;
     }
-    Some((pid_tgid, inflight, conn, ret))
+    Some(conn)
 }
 
-#[inline(always)]
-fn exit_buf(ctx: &TracePointContext, dir: u32) -> u32 {
-    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        emit_data(
-            pid_tgid,
-            &inflight,
-            conn,
-            dir,
-            Source::Buf(inflight.buf),
-            ret as u64,
-            now,
-        );
+/// The user registers saved at syscall entry, r10 to cs (x86_64 `struct pt_regs`, whose layout
+/// is user ABI): a syscall's arguments are still there at its exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SyscallRegs {
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    ax: u64,
+    cx: u64,
+    dx: u64,
+    si: u64,
+    di: u64,
+    orig_ax: u64,
+    ip: u64,
+    cs: u64,
+}
+
+/// Offset of r10 in `struct pt_regs`.
+const PT_REGS_R10: u64 = 7 * 8;
+/// 64-bit user code segment: 32-bit (compat) syscalls have other numbers.
+const USER_CS: u64 = 0x33;
+
+/// x86_64 syscall numbers.
+mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const CLOSE: u64 = 3;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDFILE: u64 = 40;
+    pub const CONNECT: u64 = 42;
+    pub const ACCEPT: u64 = 43;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    pub const ACCEPT4: u64 = 288;
+    pub const RECVMMSG: u64 = 299;
+    pub const SENDMMSG: u64 = 307;
+}
+
+/// Every syscall exit of every task (one raw tracepoint is cheaper than an entry and an exit
+/// tracepoint per followed syscall, and needs no map of syscalls in flight). Untraced tasks stop
+/// at the traced-set byte; for traced ones the registers give the syscall and its arguments.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return 0;
     }
-    0
-}
-
-#[inline(always)]
-fn exit_iov(ctx: &TracePointContext, dir: u32) -> u32 {
-    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        let source = Source::Iov(inflight.buf, inflight.count);
-        emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
+    let slot = take_slot(pid_tgid);
+    let regs: u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let Ok(r) = (unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel((regs + PT_REGS_R10) as *const SyscallRegs)
+    }) else {
+        return 0;
+    };
+    if r.cs != USER_CS {
+        return 0;
     }
-    0
-}
-
-#[inline(always)]
-fn exit_msg(ctx: &TracePointContext, dir: u32) -> u32 {
-    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        let iov: u64 = read_user(inflight.buf + MSGHDR_IOV).unwrap_or(0);
-        let iovlen: u64 = read_user(inflight.buf + MSGHDR_IOVLEN).unwrap_or(0);
-        let source = Source::Iov(iov, iovlen);
-        emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
-    }
-    0
-}
-
-#[inline(always)]
-fn exit_mmsg(ctx: &TracePointContext, dir: u32) -> u32 {
-    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(ctx, dir) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        // ret counts messages; each has its own msghdr and byte count.
-        for i in 0..MAX_MMSG as u64 {
-            if i >= ret as u64 {
-                break;
+    let fd = r.di as i32;
+    let (id, dir, count_arg, flags) = match r.orig_ax {
+        nr::READ => (syscall::READ, direction::INGRESS, r.dx, 0),
+        nr::WRITE => (syscall::WRITE, direction::EGRESS, r.dx, 0),
+        nr::READV => (syscall::READV, direction::INGRESS, r.dx, 0),
+        nr::WRITEV => (syscall::WRITEV, direction::EGRESS, r.dx, 0),
+        nr::RECVFROM => (syscall::RECVFROM, direction::INGRESS, r.dx, r.r10),
+        nr::SENDTO => (syscall::SENDTO, direction::EGRESS, r.dx, 0),
+        nr::RECVMSG => (syscall::RECVMSG, direction::INGRESS, 0, r.dx),
+        nr::SENDMSG => (syscall::SENDMSG, direction::EGRESS, 0, 0),
+        nr::RECVMMSG => (syscall::RECVMMSG, direction::INGRESS, r.dx, r.r10),
+        nr::SENDMMSG => (syscall::SENDMMSG, direction::EGRESS, r.dx, 0),
+        nr::SENDFILE => (syscall::SENDFILE, direction::EGRESS, r.r10, 0),
+        nr::ACCEPT | nr::ACCEPT4 => {
+            // The accepted socket is not visible here; the first read or write fills it in.
+            if ret >= 0 {
+                track(&ctx, pid_tgid, ret as i32, 0, role::SERVER);
             }
-            let mmsg = inflight.buf + i * MMSGHDR_SIZE;
-            let len: u32 = read_user(mmsg + MMSGHDR_LEN).unwrap_or(0);
-            let iov: u64 = read_user(mmsg + MSGHDR_IOV).unwrap_or(0);
-            let iovlen: u64 = read_user(mmsg + MSGHDR_IOVLEN).unwrap_or(0);
+            return 0;
+        }
+        nr::CONNECT => {
+            exit_connect(&ctx, pid_tgid, fd, slot, ret);
+            return 0;
+        }
+        nr::CLOSE => {
+            exit_close(pid_tgid, fd);
+            return 0;
+        }
+        _ => return 0,
+    };
+    let mmsg = id == syscall::RECVMMSG || id == syscall::SENDMMSG;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut inflight = Inflight {
+        enter_ns: now,
+        buf: if id == syscall::SENDFILE { 0 } else { r.si },
+        count: count_arg,
+        sk: 0,
+        fd,
+        syscall: id,
+        sk_family: 0,
+        sk_protocol: 0,
+        recv_flags: flags as u32,
+    };
+    // The slot is this syscall's if its byte count agrees (*mmsg returns messages, not bytes);
+    // one left by an earlier syscall of this thread on this CPU does not.
+    if let Some(slot) = slot
+        && slot.sk != 0
+        && (mmsg || slot.bytes == ret as u64)
+    {
+        inflight.sk = slot.sk;
+        inflight.sk_family = slot.family;
+        inflight.sk_protocol = slot.protocol;
+        if dir == direction::EGRESS && slot.send_ns != 0 {
+            inflight.enter_ns = slot.send_ns;
+        }
+    }
+    let Some(conn) = exit_io(&ctx, pid_tgid, &inflight, ret, dir) else {
+        return 0;
+    };
+    match id {
+        syscall::READ | syscall::WRITE | syscall::RECVFROM | syscall::SENDTO => {
+            let source = Source::Buf(inflight.buf);
+            emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
+        }
+        syscall::READV | syscall::WRITEV => {
+            let source = Source::Iov(inflight.buf, inflight.count);
+            emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
+        }
+        syscall::RECVMSG | syscall::SENDMSG => {
+            let iov: u64 = read_user(inflight.buf + MSGHDR_IOV).unwrap_or(0);
+            let iovlen: u64 = read_user(inflight.buf + MSGHDR_IOVLEN).unwrap_or(0);
             let source = Source::Iov(iov, iovlen);
-            emit_data(pid_tgid, &inflight, conn, dir, source, len as u64, now);
+            emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
         }
-        // Later messages are not captured, but their lengths keep the stream positions right.
-        for i in MAX_MMSG as u64..MMSG_SCAN {
-            if i >= ret as u64 {
-                break;
-            }
-            let len: u32 = read_user(inflight.buf + i * MMSGHDR_SIZE + MMSGHDR_LEN).unwrap_or(0);
-            unsafe { (*conn).pos[(dir & 1) as usize] += len as u64 };
-            count(counter::BYTES_NOT_CAPTURED, len as u64);
+        syscall::SENDFILE => {
+            emit_data(
+                pid_tgid,
+                &inflight,
+                conn,
+                dir,
+                Source::None,
+                ret as u64,
+                now,
+            );
         }
+        _ => exit_mmsg(pid_tgid, &inflight, conn, dir, ret, now),
     }
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_sendfile64(ctx: TracePointContext) -> u32 {
-    if let Some((pid_tgid, inflight, conn, ret)) = exit_io(&ctx, direction::EGRESS) {
-        let now = unsafe { bpf_ktime_get_ns() };
-        emit_data(
-            pid_tgid,
-            &inflight,
-            conn,
-            direction::EGRESS,
-            Source::None,
-            ret as u64,
-            now,
-        );
-    }
-    0
-}
-
-macro_rules! exit_programs {
-    ($($name:ident => $f:ident($dir:expr)),* $(,)?) => {$(
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            $f(&ctx, $dir)
+/// *mmsg: `ret` counts messages; each has its own msghdr and byte count.
+#[inline(always)]
+fn exit_mmsg(
+    pid_tgid: u64,
+    inflight: &Inflight,
+    conn: *mut ConnState,
+    dir: u32,
+    ret: i64,
+    now: u64,
+) {
+    for i in 0..MAX_MMSG as u64 {
+        if i >= ret as u64 {
+            break;
         }
-    )*};
-}
-
-exit_programs! {
-    sys_exit_read => exit_buf(direction::INGRESS),
-    sys_exit_write => exit_buf(direction::EGRESS),
-    sys_exit_recvfrom => exit_buf(direction::INGRESS),
-    sys_exit_sendto => exit_buf(direction::EGRESS),
-    sys_exit_readv => exit_iov(direction::INGRESS),
-    sys_exit_writev => exit_iov(direction::EGRESS),
-    sys_exit_recvmsg => exit_msg(direction::INGRESS),
-    sys_exit_sendmsg => exit_msg(direction::EGRESS),
-    sys_exit_recvmmsg => exit_mmsg(direction::INGRESS),
-    sys_exit_sendmmsg => exit_mmsg(direction::EGRESS),
+        let mmsg = inflight.buf + i * MMSGHDR_SIZE;
+        let len: u32 = read_user(mmsg + MMSGHDR_LEN).unwrap_or(0);
+        let iov: u64 = read_user(mmsg + MSGHDR_IOV).unwrap_or(0);
+        let iovlen: u64 = read_user(mmsg + MSGHDR_IOVLEN).unwrap_or(0);
+        let source = Source::Iov(iov, iovlen);
+        emit_data(pid_tgid, inflight, conn, dir, source, len as u64, now);
+    }
+    // Later messages are not captured, but their lengths keep the stream positions right.
+    for i in MAX_MMSG as u64..MMSG_SCAN {
+        if i >= ret as u64 {
+            break;
+        }
+        let len: u32 = read_user(inflight.buf + i * MMSGHDR_SIZE + MMSGHDR_LEN).unwrap_or(0);
+        unsafe { (*conn).pos[(dir & 1) as usize] += len as u64 };
+        count(counter::BYTES_NOT_CAPTURED, len as u64);
+    }
 }
 
 /// Does nothing. Benchmarks attach it to every tracepoint the real programs use, to measure
 /// the floor: what any program on these tracepoints costs before it does any work.
 #[tracepoint]
 pub fn floor(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+/// The floor's stand-in for `sys_exit`.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn floor_sys_exit(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
