@@ -2,6 +2,7 @@
 //! requested processes, and turns ring buffer records into typed events. Owns the kernel side
 //! of the agent; nothing else touches aya.
 pub mod assemble;
+pub mod btf;
 pub mod decode;
 pub mod privileges;
 
@@ -29,7 +30,7 @@ use aya::{
 };
 use log::{debug, info, warn};
 use tokio::io::unix::AsyncFd;
-use tracer_common::{TRACED_PID_LIMIT, TracedSet, counter, traced};
+use tracer_common::{SockLayout, TRACED_PID_LIMIT, TracedSet, counter, traced};
 
 /// The probes, built by build.rs from ebpf-probes/kernel.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-probes"));
@@ -215,7 +216,20 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
     targets.sort_unstable();
     targets.dedup();
 
+    // Without the kernel's BTF the probes cannot read a socket's tuple themselves, and
+    // tcp_rcv_space_adjust stands in (see `btf`).
+    let sock_layout = match btf::sock_layout(Path::new(btf::VMLINUX_BTF)) {
+        Ok(layout) => layout,
+        Err(err) => {
+            info!(
+                "socket layout unknown ({err}); tuples of connections older than the agent \
+                 come from tcp:tcp_rcv_space_adjust, which costs every TCP receive a little"
+            );
+            SockLayout::default()
+        }
+    };
     let mut ebpf = EbpfLoader::new()
+        .override_global("SOCK_LAYOUT", &sock_layout, true)
         .override_global("TRACE_ALL", &capture_all, true)
         .override_global("AGENT_TGID", &agent_tgid, true)
         .override_global("WATCH_EXEC", &watch_exec, true)
@@ -302,6 +316,9 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         let Some(category) = category(&name) else {
             continue;
         };
+        if name == "tcp_rcv_space_adjust" && sock_layout.known != 0 {
+            continue;
+        }
         // In floor mode one empty program stands in for each real one, on its tracepoint.
         let program_name = if config.floor { "floor" } else { name.as_str() };
         let program: &mut TracePoint = ebpf

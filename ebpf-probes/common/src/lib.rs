@@ -344,6 +344,25 @@ pub struct Inflight {
     pub recv_flags: u32,
 }
 
+/// Byte offsets of `struct sock_common` fields (the start of every `struct sock`) in the
+/// running kernel, from its BTF; the agent sets them at load time. `known` 0: no BTF, so the
+/// probes cannot read a socket's tuple themselves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLayout {
+    pub known: u32,
+    pub family: u32,
+    /// IPv4 peer and local address (`skc_daddr`, `skc_rcv_saddr`).
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    /// Peer port (network order) and local port (host order).
+    pub dport: u32,
+    pub num: u32,
+    /// IPv6 peer and local address.
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is repr(C), Copy, made only of integers and arrays of integers, and has
@@ -357,6 +376,7 @@ mod pod {
     unsafe impl aya::Pod for super::TracedSet {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ListenEvent {}
+    unsafe impl aya::Pod for super::SockLayout {}
 }
 
 // No padding anywhere: the size is the sum of the fields.
@@ -369,4 +389,5 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + 16 + 16 + EXEC_FILENAME_LEN);
 const _: () = assert!(core::mem::size_of::<ListenEvent>() == 32 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<Inflight>() == 8 * 4 + 4 * 2 + 2 * 2 + 4);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 4 * 8);
 const _: () = assert!(CHUNK_SIZE.is_power_of_two());

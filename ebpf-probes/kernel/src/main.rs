@@ -42,8 +42,8 @@ use aya_log_ebpf::warn;
 use tracer_common::{
     CHUNK_SIZE, CloseEvent, ConnEvent, ConnKey, DataEvent, EXEC_FILENAME_LEN, EventHeader,
     ExecEvent, Inflight, ListenEvent, MAX_CAPTURE_LIMIT, MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG,
-    TRACED_PID_LIMIT, TracedSet, Tuple, conn_flags, counter, data_flags, direction, kind, role,
-    syscall, traced,
+    SockLayout, TRACED_PID_LIMIT, TracedSet, Tuple, conn_flags, counter, data_flags, direction,
+    kind, role, syscall, traced,
 };
 
 // ---- load-time configuration (set by the agent with EbpfLoader::set_global) ----
@@ -66,6 +66,19 @@ static AGENT_TGID: u32 = 0;
 /// Bytes captured per syscall at most (clamped to MAX_CAPTURE_LIMIT).
 #[unsafe(no_mangle)]
 static CAPTURE_LIMIT: u32 = tracer_common::DEFAULT_CAPTURE_LIMIT;
+/// Where `struct sock` keeps addresses and ports in this kernel (from its BTF), for tuples of
+/// sockets no tracepoint described (connections older than the agent).
+#[unsafe(no_mangle)]
+static SOCK_LAYOUT: SockLayout = SockLayout {
+    known: 0,
+    family: 0,
+    daddr: 0,
+    rcv_saddr: 0,
+    dport: 0,
+    num: 0,
+    v6_daddr: 0,
+    v6_rcv_saddr: 0,
+};
 /// Wake the agent only once this many bytes wait in the ring buffer; it also drains on a short
 /// timer. One wakeup per event would cost the agent a context switch per syscall.
 #[unsafe(no_mangle)]
@@ -515,7 +528,8 @@ fn listen(ctx: &TracePointContext) -> u32 {
     0
 }
 
-/// Receives on connections that predate the agent reveal their tuple here.
+/// Receives on connections that predate the agent reveal their tuple here. Attached only when
+/// the kernel's BTF is missing: otherwise the exit probe reads the tuple from the socket.
 #[tracepoint]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -665,11 +679,63 @@ fn emit_open(pid_tgid: u64, fd: i32, conn: &ConnState, nr: u32) {
         if event.role == role::UNKNOWN {
             event.role = info.role;
         }
+    } else if let Some(tuple) = sock_tuple(conn.sk) {
+        event.tuple = tuple;
+        event.flags = conn_flags::TUPLE_KNOWN;
     }
     if conn.tls != 0 {
         event.flags |= conn_flags::TLS;
     }
     output(&event);
+}
+
+/// The tuple of socket `sk`, read from the socket itself (see `SOCK_LAYOUT`).
+fn sock_tuple(sk: u64) -> Option<Tuple> {
+    let layout = unsafe { read_volatile(&SOCK_LAYOUT) };
+    if layout.known == 0 || sk == 0 {
+        return None;
+    }
+    let field = |offset: u32| sk + offset as u64;
+    let kernel = |addr: u64| -> Option<[u8; 4]> {
+        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const [u8; 4]) }.ok()
+    };
+    let family: u16 =
+        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.family) as *const u16) }
+            .ok()?;
+    let dport: u16 =
+        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.dport) as *const u16) }
+            .ok()?;
+    let num: u16 =
+        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.num) as *const u16) }
+            .ok()?;
+    let mut tuple = Tuple {
+        family,
+        sport: num,
+        dport: u16::from_be(dport),
+        _pad: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    match family {
+        AF_INET => {
+            tuple.saddr[..4].copy_from_slice(&kernel(field(layout.rcv_saddr))?);
+            tuple.daddr[..4].copy_from_slice(&kernel(field(layout.daddr))?);
+        }
+        AF_INET6 => {
+            tuple.saddr = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_kernel(
+                    field(layout.v6_rcv_saddr) as *const [u8; 16]
+                )
+            }
+            .ok()?;
+            tuple.daddr = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.v6_daddr) as *const [u8; 16])
+            }
+            .ok()?;
+        }
+        _ => return None,
+    }
+    Some(tuple)
 }
 
 /// Address of the first byte a read/write syscall moved (0 when not a buffer, iovec or msghdr).
