@@ -431,7 +431,10 @@ fn publish(
     for (loss, index) in [
         (KernelLoss::RingbufFull, counter::LOSS_RINGBUF_FULL),
         (KernelLoss::CopyFailed, counter::LOSS_COPY_FAILED),
-        (KernelLoss::InflightMapFull, counter::LOSS_INFLIGHT_MAP_FULL),
+        (
+            KernelLoss::SocketUnconfirmed,
+            counter::LOSS_SOCKET_UNCONFIRMED,
+        ),
         (KernelLoss::ConnMapFull, counter::LOSS_CONN_MAP_FULL),
     ] {
         metrics.observe_kernel_lost_events(loss, kernel.get(index));
@@ -463,8 +466,8 @@ fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
             ("ring buffer full", kernel.get(counter::LOSS_RINGBUF_FULL)),
             ("copy failed", kernel.get(counter::LOSS_COPY_FAILED)),
             (
-                "syscall map full",
-                kernel.get(counter::LOSS_INFLIGHT_MAP_FULL),
+                "socket unconfirmed",
+                kernel.get(counter::LOSS_SOCKET_UNCONFIRMED),
             ),
             (
                 "connection map full",

@@ -72,8 +72,8 @@ pub enum KernelLoss {
     RingbufFull,
     /// Reading the payload from user memory failed.
     CopyFailed,
-    /// The map of in-progress syscalls was full, so a syscall went untracked.
-    InflightMapFull,
+    /// A read or write on an accepted fd not yet tied to its socket went uncaptured.
+    SocketUnconfirmed,
     /// The connection map was full, so a connection went untracked.
     ConnMapFull,
 }
@@ -83,7 +83,7 @@ impl KernelLoss {
     pub const ALL: [Self; 4] = [
         Self::RingbufFull,
         Self::CopyFailed,
-        Self::InflightMapFull,
+        Self::SocketUnconfirmed,
         Self::ConnMapFull,
     ];
 
@@ -92,7 +92,7 @@ impl KernelLoss {
         match self {
             Self::RingbufFull => "ringbuf_full",
             Self::CopyFailed => "copy_failed",
-            Self::InflightMapFull => "inflight_map_full",
+            Self::SocketUnconfirmed => "socket_unconfirmed",
             Self::ConnMapFull => "conn_map_full",
         }
     }
@@ -276,12 +276,6 @@ pub struct Metrics {
     pub processes_traced: CountGauge,
     /// `tracer_probes_attached`.
     pub probes_attached: CountGauge,
-    /// `tracer_syscalls_adopted_total`: socket syscalls a thread was already blocked in when
-    /// the probes were attached, whose data is captured nonetheless.
-    pub syscalls_adopted: Counter,
-    /// `tracer_syscalls_adopt_failed_total`: threads that may be blocked in such a syscall but
-    /// could not be read or adopted; their data is missed.
-    pub syscalls_adopt_failed: Counter,
     /// `tracer_stream_pending_bytes`: bytes held in reassembly buffers.
     pub stream_pending_bytes: CountGauge,
     /// `tracer_spans_created_total`: spans the pipeline built (before sampling).
@@ -375,8 +369,10 @@ impl Metrics {
         registry.register(
             "kernel_lost_events",
             "Events the kernel probes dropped, by reason (ringbuf_full: ring buffer full; \
-             copy_failed: reading user memory failed; inflight_map_full, conn_map_full: that \
-             BPF map was full so the syscall or connection went untracked)",
+             copy_failed: reading user memory failed; socket_unconfirmed: a read or write on an \
+             accepted fd that no earlier syscall tied to its socket, made while the thread slept \
+             or changed CPU inside the syscall; conn_map_full: the connection map was full so a \
+             connection went untracked)",
             kernel_lost_events.clone(),
         );
         let kernel_lost_bytes = precreated([KernelLoss::RingbufFull]);
@@ -465,20 +461,6 @@ impl Metrics {
             "eBPF programs currently attached",
             probes_attached.clone(),
         );
-        let syscalls_adopted = Counter::default();
-        registry.register(
-            "syscalls_adopted",
-            "Socket syscalls already in progress when the probes were attached (a blocked read or \
-             accept), adopted so that their data is captured",
-            syscalls_adopted.clone(),
-        );
-        let syscalls_adopt_failed = Counter::default();
-        registry.register(
-            "syscalls_adopt_failed",
-            "Threads possibly blocked in a socket syscall when the probes were attached that could \
-             not be read (/proc permission) or adopted (map full): the data of those calls is missed",
-            syscalls_adopt_failed.clone(),
-        );
         let stream_pending_bytes = CountGauge::default();
         registry.register(
             "stream_pending_bytes",
@@ -557,8 +539,6 @@ impl Metrics {
             connections_tracked,
             processes_traced,
             probes_attached,
-            syscalls_adopted,
-            syscalls_adopt_failed,
             stream_pending_bytes,
             kernel_lost_events,
             kernel_lost_bytes,
@@ -951,7 +931,7 @@ mod tests {
             "tracer_bytes_not_captured_total 0\n",
             "tracer_kernel_lost_events_total{reason=\"ringbuf_full\"} 0\n",
             "tracer_kernel_lost_events_total{reason=\"copy_failed\"} 0\n",
-            "tracer_kernel_lost_events_total{reason=\"inflight_map_full\"} 0\n",
+            "tracer_kernel_lost_events_total{reason=\"socket_unconfirmed\"} 0\n",
             "tracer_kernel_lost_events_total{reason=\"conn_map_full\"} 0\n",
             "tracer_kernel_lost_bytes_total{reason=\"ringbuf_full\"} 0\n",
             "tracer_userspace_lost_events_total{stage=\"capture\",reason=\"decode_error\"} 0\n",

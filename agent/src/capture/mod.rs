@@ -183,7 +183,9 @@ const SYS_EXIT: &str = "sys_exit";
 /// The tracepoint category of each of our programs, which are named after their tracepoint.
 /// `sys_exit` (a raw tracepoint) is attached on its own.
 fn category(program: &str) -> Option<&'static str> {
-    if program.starts_with("sock_") || program == "inet_sock_set_state" {
+    if program.starts_with("sys_enter_") {
+        Some("syscalls")
+    } else if program.starts_with("sock_") || program == "inet_sock_set_state" {
         Some("sock")
     } else if program.starts_with("tcp_") {
         Some("tcp")

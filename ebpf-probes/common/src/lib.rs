@@ -157,8 +157,10 @@ pub mod counter {
     pub const LOSS_RINGBUF_FULL_BYTES: u32 = 4;
     /// Reads of the process's buffers that failed.
     pub const LOSS_COPY_FAILED: u32 = 5;
-    /// Syscalls not followed because the in-flight map was full.
-    pub const LOSS_INFLIGHT_MAP_FULL: u32 = 6;
+    /// Reads and writes on an accepted fd not yet tied to its socket, made while the thread
+    /// slept or changed CPU inside the syscall (see the probes' `Slot`): not captured, since
+    /// the fd may as well be a Unix socket.
+    pub const LOSS_SOCKET_UNCONFIRMED: u32 = 6;
     /// Connections not tracked because the connection map was full.
     pub const LOSS_CONN_MAP_FULL: u32 = 7;
     /// Ciphertext bytes of TLS connections, not sent (their plaintext is, from the uprobes).

@@ -778,6 +778,11 @@ fn conn_for<C: EbpfContext>(ctx: &C, pid_tgid: u64, inflight: &Inflight) -> Opti
     if let Some(conn) = CONNS.get_ptr_mut(key) {
         let existing = unsafe { &mut *conn };
         if existing.sk == 0 {
+            if sk == 0 {
+                // Accepted, and no syscall on it was tied to a socket yet: TCP or Unix?
+                count(counter::LOSS_SOCKET_UNCONFIRMED, 1);
+                return None;
+            }
             // Accepted earlier; its socket shows itself on first I/O.
             existing.sk = sk;
         }
@@ -831,6 +836,11 @@ fn track<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, sk: u64, role: u32) {
         tgid: (pid_tgid >> 32) as u32,
         fd,
     };
+    // A connection still on the fd was closed unseen (dup2 onto it, or a close whose
+    // connection was not known yet): it ends here.
+    if let Some(old) = unsafe { CONNS.get(key) } {
+        end(pid_tgid, fd, old);
+    }
     let state = ConnState {
         id: new_conn_id(),
         sk,
@@ -842,6 +852,18 @@ fn track<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, sk: u64, role: u32) {
     };
     if CONNS.insert(key, state, 0).is_err() && count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
         warn!(ctx, "connection map full: a connection is not traced");
+    }
+}
+
+/// Reports the end of `conn`. A connection that never moved data is still shown, opened and
+/// closed; one never tied to a socket is not shown at all.
+#[inline(always)]
+fn end(pid_tgid: u64, fd: i32, conn: &ConnState) {
+    if conn.announced == 0 && conn.sk != 0 {
+        emit_open(pid_tgid, fd, conn, syscall::CLOSE);
+    }
+    if conn.announced != 0 || conn.sk != 0 {
+        emit_close(pid_tgid, fd, conn);
     }
 }
 
@@ -859,23 +881,25 @@ fn exit_connect<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, slot: Option<Sl
     }
 }
 
-/// close(): the fd is still in the registers, and the connection under it is ours to end.
-#[inline(always)]
-fn exit_close(pid_tgid: u64, fd: i32) {
+/// close() at its entry, while the fd still names the connection: at the exit another thread
+/// may already have been given the fd by accept or connect.
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_traced(tgid) {
+        return 0;
+    }
+    let fd: u64 = read(&ctx, CLOSE_FD);
     let key = ConnKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd,
+        tgid,
+        fd: fd as i32,
     };
     if let Some(conn) = unsafe { CONNS.get(key) } {
-        // A connection that never moved data is still shown, opened and closed.
-        if conn.announced == 0 && conn.sk != 0 {
-            emit_open(pid_tgid, fd, conn, syscall::CLOSE);
-        }
-        if conn.announced != 0 || conn.sk != 0 {
-            emit_close(pid_tgid, fd, conn);
-        }
+        end(pid_tgid, fd as i32, conn);
         let _ = CONNS.remove(key);
     }
+    0
 }
 
 /// Where a syscall's bytes are in user memory.
@@ -1194,7 +1218,6 @@ const USER_CS: u64 = 0x33;
 mod nr {
     pub const READ: u64 = 0;
     pub const WRITE: u64 = 1;
-    pub const CLOSE: u64 = 3;
     pub const READV: u64 = 19;
     pub const WRITEV: u64 = 20;
     pub const SENDFILE: u64 = 40;
@@ -1208,6 +1231,9 @@ mod nr {
     pub const RECVMMSG: u64 = 299;
     pub const SENDMMSG: u64 = 307;
 }
+
+/// Offset of `fd` in the `syscalls:sys_enter_close` record.
+const CLOSE_FD: usize = 16;
 
 /// Every syscall exit of every task (one raw tracepoint is cheaper than an entry and an exit
 /// tracepoint per followed syscall, and needs no map of syscalls in flight). Untraced tasks stop
@@ -1251,10 +1277,6 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         }
         nr::CONNECT => {
             exit_connect(&ctx, pid_tgid, fd, slot, ret);
-            return 0;
-        }
-        nr::CLOSE => {
-            exit_close(pid_tgid, fd);
             return 0;
         }
         _ => return 0,
