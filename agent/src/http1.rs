@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::field::{self, Field};
+use crate::field::{self, Arena, Field, Text};
 use crate::streams::{Direction, Segment};
 
 /// Request methods recognised as the start of a request line (case-sensitive, RFC 9110 §9.1).
@@ -126,8 +126,8 @@ pub struct Message {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
-    pub method: String,
-    pub target: String,
+    pub method: Text,
+    pub target: Text,
     /// Minor version: 0 or 1.
     pub version: u8,
     pub msg: Message,
@@ -136,7 +136,7 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    pub reason: String,
+    pub reason: Text,
     /// Minor version: 0 or 1.
     pub version: u8,
     pub msg: Message,
@@ -287,7 +287,7 @@ impl Http1Connection {
                 next_answer: 0,
                 synced: false,
                 stop: None,
-                started: Vec::new(),
+                reported: 0,
             },
             egress: DirParser::new(Direction::Egress),
             ingress: DirParser::new(Direction::Ingress),
@@ -300,16 +300,18 @@ impl Http1Connection {
     /// Segments of each direction must come in stream order; across directions, in the order
     /// the syscalls happened (a response pairs only with a request that started before it).
     /// A segment with empty `data` may carry just a gap. Ignored once done or closed.
+    /// Header sections are copied into `arena` (one for all connections).
     pub fn push(
         &mut self,
         segment: &Segment,
+        arena: &mut Arena,
         out: &mut Vec<Exchange>,
         errors: &mut Vec<Http1Error>,
     ) {
         if self.closed || self.shared.stop.is_some() {
             return;
         }
-        let mut sink = Sink { out, errors };
+        let mut sink = Sink { out, errors, arena };
         let dir = match segment.direction {
             Direction::Egress => &mut self.egress,
             Direction::Ingress => &mut self.ingress,
@@ -329,7 +331,13 @@ impl Http1Connection {
         }
         self.closed = true;
         if self.shared.stop.is_none() {
-            let mut sink = Sink { out, errors };
+            // Nothing is copied at close (a head completes only with its bytes).
+            let mut arena = Arena::default();
+            let mut sink = Sink {
+                out,
+                errors,
+                arena: &mut arena,
+            };
             self.egress.close(&mut self.shared, &mut sink);
             self.ingress.close(&mut self.shared, &mut sink);
             self.shared.flush_all(sink.out);
@@ -359,8 +367,9 @@ impl Http1Connection {
     /// Sequence numbers of the requests whose head parsed since the last call, oldest first:
     /// the linking stage learns of requests while they are in flight. Look each up with
     /// [`Self::request`] (or in the exchanges just emitted, if it already finished).
-    pub fn take_started(&mut self) -> std::vec::Drain<'_, u64> {
-        self.shared.started.drain(..)
+    pub fn take_started(&mut self) -> std::ops::Range<u64> {
+        let from = std::mem::replace(&mut self.shared.reported, self.shared.next_seq);
+        from..self.shared.next_seq
     }
 
     /// A request that has not been emitted yet.
@@ -468,6 +477,7 @@ fn stamp(seg: &Segment) -> Stamp {
 struct Sink<'a> {
     out: &'a mut Vec<Exchange>,
     errors: &'a mut Vec<Http1Error>,
+    arena: &'a mut Arena,
 }
 
 /// A request waiting to be emitted.
@@ -495,8 +505,9 @@ struct Shared {
     /// Some message has parsed: from now on garbage is malformed rather than not-HTTP.
     synced: bool,
     stop: Option<Stop>,
-    /// Requests whose head parsed since the last [`Http1Connection::take_started`].
-    started: Vec<u64>,
+    /// Requests from this sequence number on parsed since the last
+    /// [`Http1Connection::take_started`] (numbers are given in order).
+    reported: u64,
 }
 
 impl Shared {
@@ -542,7 +553,6 @@ impl Shared {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.started.push(seq);
         self.pending.push_back(Pending {
             seq,
             request,
@@ -676,7 +686,7 @@ enum CurKind {
     /// The request lives in the pending queue, so an early response can pair with it.
     Request(u64),
     Response {
-        response: Box<Response>,
+        response: Response,
         target: Option<u64>,
     },
 }
@@ -906,7 +916,7 @@ impl DirParser {
             // The whole head is in this segment. Copied (once per message), because header
             // values outlive the segment and a slice would pin its whole, possibly large,
             // buffer.
-            Bytes::copy_from_slice(&rest[..n])
+            sink.arena.copy(&rest[..n])
         } else {
             self.buf.extend_from_slice(&rest[..n]);
             std::mem::take(&mut self.buf).freeze()
@@ -1219,10 +1229,7 @@ impl DirParser {
                     body_bytes: 0,
                     end_ns: response.msg.end_ns,
                     trailers: Vec::new(),
-                    kind: CurKind::Response {
-                        response: Box::new(response),
-                        target,
-                    },
+                    kind: CurKind::Response { response, target },
                 });
                 self.state = State::Body(body);
             }
@@ -1421,7 +1428,7 @@ impl DirParser {
                 target,
             } => {
                 fill(&mut response.msg, cur.trailers);
-                sh.deliver(*response, target, out);
+                sh.deliver(response, target, out);
             }
         }
     }
@@ -1449,14 +1456,14 @@ impl DirParser {
 /// A parsed start line and header section.
 enum Head {
     Request {
-        method: String,
-        target: String,
+        method: Text,
+        target: Text,
         version: u8,
         headers: Vec<Field>,
     },
     Response {
         status: u16,
-        reason: String,
+        reason: Text,
         version: u8,
         headers: Vec<Field>,
     },
@@ -1472,15 +1479,16 @@ fn parse_head(block: &Bytes, kind: Start) -> Result<Head, Http1Error> {
         Start::Request => Http1Error::MalformedRequest,
         Start::Response => Http1Error::MalformedResponse,
     };
-    let block = unfold(block, true);
+    let unfolded = unfold(block, true);
+    let block = unfolded.as_ref().unwrap_or(block);
     let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    let first = parse_head_with(&block, kind, &mut slots);
+    let first = parse_head_with(block, kind, &mut slots);
     let result = match first {
         Err(ParseFail::TooManyHeaders) => {
             // Rare: size the array by the line count, which bounds the header count.
             let lines = block.iter().filter(|&&b| b == b'\n').count();
             let mut slots = vec![httparse::EMPTY_HEADER; lines];
-            parse_head_with(&block, kind, &mut slots)
+            parse_head_with(block, kind, &mut slots)
         }
         other => other,
     };
@@ -1505,8 +1513,8 @@ fn parse_head_with<'b>(
                 Err(e) => return Err(classify_err(e)),
             }
             Ok(Head::Request {
-                method: req.method.unwrap_or_default().to_owned(),
-                target: req.path.unwrap_or_default().to_owned(),
+                method: Text::share(block, req.method.unwrap_or_default()),
+                target: Text::share(block, req.path.unwrap_or_default()),
                 version: req.version.unwrap_or_default(),
                 headers: own_fields(block, req.headers),
             })
@@ -1520,7 +1528,7 @@ fn parse_head_with<'b>(
             }
             Ok(Head::Response {
                 status: resp.code.unwrap_or_default(),
-                reason: resp.reason.unwrap_or_default().to_owned(),
+                reason: Text::share(block, resp.reason.unwrap_or_default()),
                 version: resp.version.unwrap_or_default(),
                 headers: own_fields(block, resp.headers),
             })
@@ -1530,15 +1538,16 @@ fn parse_head_with<'b>(
 
 /// Parses a trailer section (field lines and the final empty line).
 fn parse_fields(block: &Bytes) -> Option<Vec<Field>> {
-    let block = unfold(block, false);
+    let unfolded = unfold(block, false);
+    let block = unfolded.as_ref().unwrap_or(block);
     let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    match httparse::parse_headers(&block, &mut slots) {
-        Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(&block, fields)),
+    match httparse::parse_headers(block, &mut slots) {
+        Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
         Err(httparse::Error::TooManyHeaders) => {
             let lines = block.iter().filter(|&&b| b == b'\n').count();
             let mut slots = vec![httparse::EMPTY_HEADER; lines];
-            match httparse::parse_headers(&block, &mut slots) {
-                Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(&block, fields)),
+            match httparse::parse_headers(block, &mut slots) {
+                Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
                 _ => None,
             }
         }
@@ -1550,23 +1559,8 @@ fn parse_fields(block: &Bytes) -> Option<Vec<Field>> {
 fn own_fields(block: &Bytes, fields: &[httparse::Header<'_>]) -> Vec<Field> {
     fields
         .iter()
-        .map(|h| (field::name(h.name), sub_bytes(block, h.value)))
+        .map(|h| (field::name(h.name), field::share(block, h.value)))
         .collect()
-}
-
-/// `sub` as a zero-copy slice of `block` (copied if it is not inside it).
-fn sub_bytes(block: &Bytes, sub: &[u8]) -> Bytes {
-    let offset = (sub.as_ptr() as usize).checked_sub(block.as_ptr() as usize);
-    match offset {
-        Some(start)
-            if start
-                .checked_add(sub.len())
-                .is_some_and(|end| end <= block.len()) =>
-        {
-            block.slice(start..start + sub.len())
-        }
-        _ => Bytes::copy_from_slice(sub),
-    }
 }
 
 /// Replaces each obs-fold (a line break followed by SP/HT, RFC 9112 §5.2) and the whitespace
@@ -1574,19 +1568,18 @@ fn sub_bytes(block: &Bytes, sub: &[u8]) -> Bytes {
 ///
 /// `skip_first_line` leaves the start line alone: whitespace right after it is not a fold but
 /// an invalid message (RFC 9112 §2.2), which the parser then rejects.
-fn unfold(block: &Bytes, skip_first_line: bool) -> Bytes {
+///
+/// None when there is no fold (nearly always): the block is parsed as it is.
+fn unfold(block: &Bytes, skip_first_line: bool) -> Option<Bytes> {
     let from = if skip_first_line {
-        match block.iter().position(|&b| b == b'\n') {
-            Some(q) => q + 1,
-            None => return block.clone(),
-        }
+        memchr::memchr(b'\n', block)? + 1
     } else {
         0
     };
     let folded = memchr::memchr_iter(b'\n', &block[from..])
         .any(|q| matches!(block.get(from + q + 1), Some(b' ' | b'\t')));
     if !folded {
-        return block.clone();
+        return None;
     }
     let mut out = Vec::with_capacity(block.len());
     out.extend_from_slice(&block[..from]);
@@ -1607,7 +1600,7 @@ fn unfold(block: &Bytes, skip_first_line: bool) -> Bytes {
             k += 1;
         }
     }
-    Bytes::from(out)
+    Some(Bytes::from(out))
 }
 
 /// Whether a complete start line (ending in LF) parses as one, checked with httparse: it
@@ -1821,8 +1814,9 @@ mod tests {
     fn feed(side: Side, limits: Http1Limits, segs: &[Segment], close: bool) -> Outcome {
         let mut conn = Http1Connection::new(CONN, side, limits);
         let (mut out, mut errors) = (Vec::new(), Vec::new());
+        let mut arena = Arena::default();
         for seg in segs {
-            conn.push(seg, &mut out, &mut errors);
+            conn.push(seg, &mut arena, &mut out, &mut errors);
             assert!(conn.egress.buf.len() <= limits.max_header_bytes);
             assert!(conn.ingress.buf.len() <= limits.max_header_bytes);
             assert!(conn.pending_requests() <= limits.max_pipelined.max(1));
@@ -2765,7 +2759,7 @@ mod tests {
             )
             .segs
         {
-            conn.push(&seg, &mut out, &mut errors);
+            conn.push(&seg, &mut Arena::default(), &mut out, &mut errors);
         }
         assert!(conn.is_done());
         assert_eq!(conn.upgraded_protocol(), Some("h2c"));
@@ -3503,8 +3497,8 @@ mod tests {
                         conn_id: CONN,
                         seq: 0,
                         request: Request {
-                            method: method.to_string(),
-                            target,
+                            method: method.into(),
+                            target: target.into(),
                             version: 1,
                             msg: blank_msg(
                                 owned(&rq.fields),
@@ -3748,7 +3742,7 @@ mod tests {
                         enter_ns: 0,
                         exit_ns: 0,
                     };
-                    conn.push(&seg, &mut out, &mut errors);
+                    conn.push(&seg, &mut Arena::default(), &mut out, &mut errors);
                 }
             }
             for (k, (egress, gap, data, t)) in ops.into_iter().enumerate() {
@@ -3762,7 +3756,7 @@ mod tests {
                     enter_ns: t,
                     exit_ns: t + 1,
                 };
-                conn.push(&seg, &mut out, &mut errors);
+                conn.push(&seg, &mut Arena::default(), &mut out, &mut errors);
                 prop_assert!(conn.egress.buf.len() <= max_header_bytes);
                 prop_assert!(conn.ingress.buf.len() <= max_header_bytes);
                 prop_assert!(conn.buffered() <= 2 * max_header_bytes);

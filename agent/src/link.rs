@@ -46,6 +46,7 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 
 use crate::{
     conntrack::Connection,
+    field::Text,
     protocols::{Finished, StartInfo},
     resource::ProcessInfo,
     sample::Sampler,
@@ -134,8 +135,8 @@ pub struct CallStart {
     /// Thread that read (server) or wrote (client) the request's first byte.
     pub tid: u32,
     pub start_ns: u64,
-    pub method: String,
-    pub target: String,
+    pub method: Text,
+    pub target: Text,
     pub context: Result<Option<SpanContext>, ContextError>,
     pub conn: Arc<Connection>,
     /// `key.seq` is an HTTP/2 stream id, the same at both ends.
@@ -153,8 +154,8 @@ impl CallStart {
             side,
             tid: info.tid,
             start_ns: info.start_ns,
-            method: info.method.to_owned(),
-            target: info.target.to_owned(),
+            method: info.method.clone(),
+            target: info.target.clone(),
             context: tracecontext::extract(info.headers.iter().map(|(k, v)| (&**k, v.as_ref()))),
             conn: conn.clone(),
             http2: info.http2,
@@ -227,8 +228,8 @@ struct Call {
     pid: u32,
     tid: u32,
     start_ns: u64,
-    method: String,
-    target: String,
+    method: Text,
+    target: Text,
     /// Server calls: a client call was linked to it by `forwarded_target`.
     forwarded: bool,
     /// Client calls: the tuple under which it waits for its server end.
@@ -372,6 +373,7 @@ impl Linker {
     /// the connections' closes).
     pub fn forget_process(&mut self, pid: u32) {
         self.instrumented.retain(|(p, _), _| *p != pid);
+        self.inflight.remove(&pid);
     }
 
     /// Events waiting in the reorder window, and calls in flight.
@@ -463,6 +465,10 @@ impl Linker {
             queue.push_back(start.key);
         }
         if start.side == CallSide::Server {
+            if self.inflight.len() >= MAX_PROCESSES {
+                // Empty lists of processes that exited while their calls were still queued.
+                self.inflight.retain(|_, list| !list.is_empty());
+            }
             self.inflight
                 .entry(start.conn.pid)
                 .or_default()
@@ -523,10 +529,9 @@ impl Linker {
         if call.side == CallSide::Server
             && let Some(list) = self.inflight.get_mut(&call.pid)
         {
+            // Kept when empty: a server handling one request at a time would otherwise
+            // allocate a list per request. forget_process drops it.
             list.retain(|k| *k != key);
-            if list.is_empty() {
-                self.inflight.remove(&call.pid);
-            }
         }
         if let Some(peer) = call.peer
             && let Some(queue) = self.peers.get_mut(&peer)
@@ -1213,8 +1218,8 @@ mod tests {
                 seq: stream,
                 tid: 1,
                 start_ns: ts,
-                method: "POST",
-                target: "/demo.Echo/Say",
+                method: "POST".into(),
+                target: "/demo.Echo/Say".into(),
                 headers: &h,
                 http2: true,
             };

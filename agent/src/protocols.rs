@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::{
     conntrack::Role,
-    field::Field,
+    field::{Arena, Field, Text},
     http1::{self, Exchange, Http1Connection, Http1Error, Http1Limits, Side},
     http2::{self, Http2Connection, Http2Error, Http2Event, Http2Exchange, Http2Limits},
     streams::Segment,
@@ -92,14 +92,15 @@ impl Finished {
 }
 
 /// A request whose head has been parsed, while it is in flight.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StartInfo<'a> {
     /// Index on the connection (HTTP/1) or stream id (HTTP/2).
     pub seq: u64,
     pub tid: u32,
     pub start_ns: u64,
-    pub method: &'a str,
-    pub target: &'a str,
+    /// Shares the captured bytes: the linking stage keeps both without copying.
+    pub method: Text,
+    pub target: Text,
     /// Header fields (HTTP/2 pseudo-header fields included).
     pub headers: &'a [Field],
     /// `seq` is an HTTP/2 stream id, the same at both ends of the connection.
@@ -112,8 +113,8 @@ impl<'a> StartInfo<'a> {
             seq,
             tid: request.msg.tid,
             start_ns: request.msg.start_ns,
-            method: &request.method,
-            target: &request.target,
+            method: request.method.clone(),
+            target: request.target.clone(),
             headers: &request.msg.headers,
             http2: false,
         }
@@ -124,8 +125,8 @@ impl<'a> StartInfo<'a> {
             headers
                 .iter()
                 .find(|(k, _)| k == name)
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                .unwrap_or("")
+                .and_then(|(_, v)| Text::from_utf8(v.clone()))
+                .unwrap_or_default()
         };
         Self {
             seq,
@@ -156,6 +157,8 @@ pub struct Protocols {
     pub stats: ProtocolStats,
     h2_events: Vec<Http2Event>,
     h1_out: Vec<Exchange>,
+    /// Where HTTP/1 header sections are kept.
+    arena: Arena,
 }
 
 fn side(role: Role) -> Side {
@@ -173,8 +176,7 @@ fn report_started(
     emitted: &[Exchange],
     on_start: &mut dyn FnMut(StartInfo<'_>),
 ) {
-    let started: Vec<u64> = parser.take_started().collect();
-    for seq in started {
+    for seq in parser.take_started() {
         let request = parser
             .request(seq)
             .or_else(|| emitted.iter().find(|e| e.seq == seq).map(|e| &e.request));
@@ -220,8 +222,8 @@ fn upgrade_request(exchange: &Exchange) -> Option<http2::UpgradeRequest> {
     }
     let request = &exchange.request;
     Some(http2::UpgradeRequest {
-        method: request.method.clone(),
-        target: request.target.clone(),
+        method: request.method.to_string(),
+        target: request.target.to_string(),
         headers: request.msg.headers.clone(),
         start_ns: request.msg.start_ns,
         end_ns: request.msg.end_ns,
@@ -321,7 +323,7 @@ impl Protocols {
         let mut errors = Vec::new();
         let mut emitted = std::mem::take(&mut self.h1_out);
         for (i, segment) in segments.iter().enumerate() {
-            parser.push(segment, &mut emitted, &mut errors);
+            parser.push(segment, &mut self.arena, &mut emitted, &mut errors);
             report_started(&mut parser, &emitted, on_start);
             if parser.is_done() {
                 let h2c = parser.upgraded_protocol() == Some("h2c");
@@ -492,7 +494,7 @@ mod tests {
         let (mut out, mut started) = (Vec::new(), Vec::new());
         for segment in segments {
             protocols.push(segment, Role::Server, &mut out, &mut |info| {
-                started.push((info.seq, info.method.to_owned(), info.http2))
+                started.push((info.seq, info.method.to_string(), info.http2))
             });
         }
         protocols.close(7, &mut out);

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -214,7 +214,10 @@ impl DirState {
         // `cut <= data.len()`, so the narrowing cannot lose anything.
         let cut = behind.min(record.data.len() as u64) as usize;
         stats.duplicate_bytes = stats.duplicate_bytes.saturating_add(cut as u64);
-        let data = record.data.slice(cut..);
+        // Advanced rather than sliced: slicing a `Bytes` made from a `Vec` (what capture hands
+        // over) allocates to share it, and nothing else holds this one.
+        let mut data = record.data;
+        data.advance(cut);
         if !data.is_empty() {
             // Non-empty remainder means `cut == behind`, so it starts exactly at `expected`.
             let pos = self.expected;
