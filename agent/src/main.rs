@@ -86,6 +86,9 @@ fn release_free_memory() {
 }
 
 fn main() -> ExitCode {
+    if let Some(btf) = std::env::var_os(capture::btf::CHILD_ENV) {
+        return capture::btf::child_main(&btf);
+    }
     purge_freed_memory_at_once(true);
     let env = |name: &str| std::env::var(name).ok();
     let cli = match config::load::<Cli>(std::env::args_os().collect(), &env) {

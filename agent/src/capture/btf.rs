@@ -5,7 +5,11 @@
 //! offsets are looked up here and handed to the probes as load-time globals. Without BTF the
 //! probes fall back to the `tcp:tcp_rcv_space_adjust` tracepoint, which costs every TCP
 //! receive on the host a tracepoint dispatch.
-use std::path::Path;
+//!
+//! btfparse builds a table of every type of the kernel (about 16 MiB at its peak), and the
+//! agent's peak RSS is a figure users watch, so the lookup runs in a short-lived child: the
+//! agent's own binary, started with [`CHILD_ENV`] set (see [`child_main`]).
+use std::{path::Path, process::Command};
 
 use btfparse::{Offset, Readable, TypeInformation};
 use tracer_common::SockLayout;
@@ -13,8 +17,13 @@ use tracer_common::SockLayout;
 /// The kernel's own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Set in the environment of the child that looks the layout up.
+pub const CHILD_ENV: &str = "TRACER_AGENT_SOCK_LAYOUT_CHILD";
+
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
+    #[error("running the layout lookup ({0})")]
+    Child(String),
     #[error("reading {path}: {source}")]
     Read {
         path: String,
@@ -48,6 +57,65 @@ impl Readable for Bytes {
             )),
         }
     }
+}
+
+/// The layout of `struct sock_common` in the running kernel, looked up by a child process.
+pub fn sock_layout_in_child() -> Result<SockLayout, BtfError> {
+    let output = Command::new("/proc/self/exe")
+        .env(CHILD_ENV, VMLINUX_BTF)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|err| BtfError::Child(err.to_string()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(BtfError::Child(stderr.trim().to_owned()));
+    }
+    parse_layout(&text).ok_or_else(|| BtfError::Child(format!("unexpected output {text:?}")))
+}
+
+/// The child's side: prints the layout of the BTF named by [`CHILD_ENV`] as one line of
+/// numbers, or the error on stderr. Call first thing in `main`.
+pub fn child_main(btf: &std::ffi::OsStr) -> std::process::ExitCode {
+    match sock_layout(Path::new(btf)) {
+        Ok(layout) => {
+            println!("{}", format_layout(&layout));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn format_layout(l: &SockLayout) -> String {
+    let fields = [
+        l.family,
+        l.daddr,
+        l.rcv_saddr,
+        l.dport,
+        l.num,
+        l.v6_daddr,
+        l.v6_rcv_saddr,
+    ];
+    fields.map(|f| f.to_string()).join(" ")
+}
+
+fn parse_layout(text: &str) -> Option<SockLayout> {
+    let mut fields = text.split_ascii_whitespace().map(|f| f.parse::<u32>().ok());
+    let mut next = || fields.next().flatten();
+    let layout = SockLayout {
+        known: 1,
+        family: next()?,
+        daddr: next()?,
+        rcv_saddr: next()?,
+        dport: next()?,
+        num: next()?,
+        v6_daddr: next()?,
+        v6_rcv_saddr: next()?,
+    };
+    next().is_none().then_some(layout)
 }
 
 /// The layout of `struct sock_common` in the BTF at `path`.
@@ -108,6 +176,16 @@ mod tests {
             (0, 4, 12, 14, 16)
         );
         assert!(layout.v6_daddr >= 24 && layout.v6_rcv_saddr == layout.v6_daddr + 16);
+    }
+
+    #[test]
+    fn the_layout_line_round_trips_and_rejects_anything_else() {
+        let layout = sock_layout(Path::new(VMLINUX_BTF)).expect("the kernel's BTF");
+        assert_eq!(parse_layout(&format_layout(&layout)), Some(layout));
+        assert_eq!(parse_layout(""), None);
+        assert_eq!(parse_layout("1 2 3 4 5 6"), None);
+        assert_eq!(parse_layout("1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_layout("1 2 3 4 5 6 x"), None);
     }
 
     #[test]

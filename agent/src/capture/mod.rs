@@ -220,7 +220,7 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
 
     // Without the kernel's BTF the probes cannot read a socket's tuple themselves, and
     // tcp_rcv_space_adjust stands in (see `btf`).
-    let sock_layout = match btf::sock_layout(Path::new(btf::VMLINUX_BTF)) {
+    let sock_layout = match btf::sock_layout_in_child() {
         Ok(layout) => layout,
         Err(err) => {
             info!(
