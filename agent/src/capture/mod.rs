@@ -22,8 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        RawTracePoint, TracePoint, UProbe,
-        raw_trace_point::RawTracePointLinkId,
+        TracePoint, UProbe,
         trace_point::TracePointLinkId,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeLinkId, UProbeScope},
     },
@@ -112,8 +111,6 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Every attachment, by program name, for `detach`.
     links: Vec<(String, TracePointLinkId)>,
-    /// The raw `sys_exit` attachment (program name, link).
-    raw_link: Option<(String, RawTracePointLinkId)>,
     /// The TLS uprobes (see `crate::tls`), by program name and the process they fire in
     /// (None: host-wide), for `detach` and `detach_ssl`.
     uprobe_links: Vec<(&'static str, Option<NonZeroU32>, UProbeLinkId)>,
@@ -177,13 +174,9 @@ fn mount_tracefs() -> io::Result<()> {
     }
 }
 
-/// The raw tracepoint every syscall exit passes, and the program attached to it.
-const SYS_EXIT: &str = "sys_exit";
-
 /// The tracepoint category of each of our programs, which are named after their tracepoint.
-/// `sys_exit` (a raw tracepoint) is attached on its own.
 fn category(program: &str) -> Option<&'static str> {
-    if program.starts_with("sys_enter_") {
+    if program.starts_with("sys_enter_") || program.starts_with("sys_exit_") {
         Some("syscalls")
     } else if program.starts_with("sock_") || program == "inet_sock_set_state" {
         Some("sock")
@@ -285,33 +278,9 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
     let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, "COUNTERS")?;
 
-    // The syscall exit first: the tracepoints inside syscalls only leave notes for it.
-    let raw_name = if config.floor {
-        "floor_sys_exit"
-    } else {
-        SYS_EXIT
-    };
-    let raw_error = |source| CaptureError::Attach {
-        program: raw_name.to_owned(),
-        category: "raw_syscalls",
-        name: SYS_EXIT.to_owned(),
-        source: Box::new(source),
-    };
-    let raw: &mut RawTracePoint = ebpf
-        .program_mut(raw_name)
-        .ok_or_else(|| CaptureError::Missing {
-            what: "program",
-            name: raw_name.to_owned(),
-        })?
-        .try_into()
-        .map_err(raw_error)?;
-    raw.load().map_err(raw_error)?;
-    let raw_link = raw.attach(SYS_EXIT).map_err(raw_error)?;
-    let raw_link = Some((raw_name.to_owned(), raw_link));
-
     let mut names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_owned()).collect();
     names.sort();
-    let mut attached = 1;
+    let mut attached = 0;
     let mut links = Vec::new();
     let mut floor_loaded = false;
     for name in names {
@@ -368,7 +337,6 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
         targets,
         ebpf,
         links,
-        raw_link,
         uprobe_links: Vec::new(),
         uprobes_loaded: false,
         logger,
@@ -592,16 +560,6 @@ impl Probes {
     /// share grace periods. The maps stay readable, so the ring buffer can still be drained.
     pub fn detach(&mut self) {
         let mut taken = Vec::new();
-        let mut taken_raw = None;
-        if let Some((name, link)) = self.raw_link.take() {
-            let program: Option<&mut RawTracePoint> =
-                self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
-            match program.map(|p| p.take_link(link)) {
-                Some(Ok(link)) => taken_raw = Some(link),
-                Some(Err(err)) => warn!("detaching {name}: {err}"),
-                None => warn!("detaching {name}: program not found"),
-            }
-        }
         for (name, link) in self.links.drain(..) {
             let program: Option<&mut TracePoint> =
                 self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
@@ -618,9 +576,6 @@ impl Probes {
             }
         }
         std::thread::scope(|scope| {
-            if let Some(link) = taken_raw {
-                scope.spawn(move || drop(link));
-            }
             for link in taken {
                 scope.spawn(move || drop(link));
             }

@@ -5,14 +5,15 @@
 //! * `sock:sock_{send,recv}_length`, which fire inside the syscall in the caller's context, put
 //!   the socket (sk pointer, family, protocol) in this CPU's `SLOT`, so files and pipes are told
 //!   apart from sockets without kprobes; `tcp:tcp_sendmsg_locked` adds when a send began;
-//! * the raw `sys_exit` tracepoint reads the syscall and its arguments from the saved user
-//!   registers, knows how many bytes moved, copies up to the capture limit from user memory
-//!   and writes `DataEvent` chunks to `EVENTS`, each placed by its byte position in that
-//!   direction of the connection. No entry probes: a syscall already blocked when the probes
-//!   were attached is captured like any other.
+//! * `sys_exit_*` reads the syscall's arguments from the user registers saved at its entry
+//!   (`bpf_task_pt_regs`), knows how many bytes moved, copies up to the capture limit from user
+//!   memory and writes `DataEvent` chunks to `EVENTS`, each placed by its byte position in that
+//!   direction of the connection. No entry probes (but close's): a syscall already blocked when
+//!   the probes were attached is captured like any other.
 //!
-//! Connection tuples and roles come from `sock:inet_sock_set_state` (and
-//! `tcp:tcp_rcv_space_adjust` for connections older than the agent), keyed by sk pointer.
+//! Connection tuples and roles come from `sock:inet_sock_set_state`, keyed by sk pointer; a
+//! socket older than the agent is read directly (`SOCK_LAYOUT`, or without BTF
+//! `tcp:tcp_rcv_space_adjust`).
 //! Entry points are thin; each losing path increments a `COUNTERS` slot.
 //!
 //! Which processes are traced is one byte per pid in `TRACED` (states in
@@ -32,11 +33,14 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel_str_bytes,
-        generated::{bpf_get_smp_processor_id, bpf_loop, bpf_probe_read_user},
+        generated::{
+            bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_loop, bpf_probe_read_user,
+            bpf_task_pt_regs,
+        },
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
@@ -1191,7 +1195,7 @@ fn exit_io<C: EbpfContext>(
     Some(conn)
 }
 
-/// The user registers saved at syscall entry, r10 to cs (x86_64 `struct pt_regs`, whose layout
+/// The user registers saved at syscall entry, r10 to di (x86_64 `struct pt_regs`, whose layout
 /// is user ABI): a syscall's arguments are still there at its exit.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -1204,15 +1208,10 @@ struct SyscallRegs {
     dx: u64,
     si: u64,
     di: u64,
-    orig_ax: u64,
-    ip: u64,
-    cs: u64,
 }
 
 /// Offset of r10 in `struct pt_regs`.
 const PT_REGS_R10: u64 = 7 * 8;
-/// 64-bit user code segment: 32-bit (compat) syscalls have other numbers.
-const USER_CS: u64 = 0x33;
 
 /// x86_64 syscall numbers.
 mod nr {
@@ -1232,31 +1231,29 @@ mod nr {
     pub const SENDMMSG: u64 = 307;
 }
 
-/// Offset of `fd` in the `syscalls:sys_enter_close` record.
+/// Offset of `fd` in the `syscalls:sys_enter_close` record, of `ret` in `sys_exit_*` ones.
 const CLOSE_FD: usize = 16;
+const RET: usize = 16;
 
-/// Every syscall exit of every task (one raw tracepoint is cheaper than an entry and an exit
-/// tracepoint per followed syscall, and needs no map of syscalls in flight). Untraced tasks stop
-/// at the traced-set byte; for traced ones the registers give the syscall and its arguments.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+/// The exit of a followed syscall, `nr`. Untraced tasks stop at the traced-set byte; for traced
+/// ones the syscall's arguments come from the user registers the kernel saved at its entry
+/// (`bpf_task_pt_regs`), so no entry probe and no map of syscalls in flight is needed.
+#[inline(always)]
+fn exit(ctx: &TracePointContext, nr: u64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
     let slot = take_slot(pid_tgid);
-    let regs: u64 = ctx.arg(0);
-    let ret: i64 = ctx.arg(1);
+    let ret: i64 = read(ctx, RET);
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
     let Ok(r) = (unsafe {
         aya_ebpf::helpers::bpf_probe_read_kernel((regs + PT_REGS_R10) as *const SyscallRegs)
     }) else {
         return 0;
     };
-    if r.cs != USER_CS {
-        return 0;
-    }
     let fd = r.di as i32;
-    let (id, dir, count_arg, flags) = match r.orig_ax {
+    let (id, dir, count_arg, flags) = match nr {
         nr::READ => (syscall::READ, direction::INGRESS, r.dx, 0),
         nr::WRITE => (syscall::WRITE, direction::EGRESS, r.dx, 0),
         nr::READV => (syscall::READV, direction::INGRESS, r.dx, 0),
@@ -1271,12 +1268,12 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         nr::ACCEPT | nr::ACCEPT4 => {
             // The accepted socket is not visible here; the first read or write fills it in.
             if ret >= 0 {
-                track(&ctx, pid_tgid, ret as i32, 0, role::SERVER);
+                track(ctx, pid_tgid, ret as i32, 0, role::SERVER);
             }
             return 0;
         }
         nr::CONNECT => {
-            exit_connect(&ctx, pid_tgid, fd, slot, ret);
+            exit_connect(ctx, pid_tgid, fd, slot, ret);
             return 0;
         }
         _ => return 0,
@@ -1307,7 +1304,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
             inflight.enter_ns = slot.send_ns;
         }
     }
-    let Some(conn) = exit_io(&ctx, pid_tgid, &inflight, ret, dir) else {
+    let Some(conn) = exit_io(ctx, pid_tgid, &inflight, ret, dir) else {
         return 0;
     };
     match id {
@@ -1339,6 +1336,32 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         _ => exit_mmsg(pid_tgid, &inflight, conn, dir, ret, now),
     }
     0
+}
+
+macro_rules! exit_programs {
+    ($($name:ident => $nr:expr),* $(,)?) => {$(
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            exit(&ctx, $nr)
+        }
+    )*};
+}
+
+exit_programs! {
+    sys_exit_read => nr::READ,
+    sys_exit_write => nr::WRITE,
+    sys_exit_readv => nr::READV,
+    sys_exit_writev => nr::WRITEV,
+    sys_exit_recvfrom => nr::RECVFROM,
+    sys_exit_sendto => nr::SENDTO,
+    sys_exit_recvmsg => nr::RECVMSG,
+    sys_exit_sendmsg => nr::SENDMSG,
+    sys_exit_recvmmsg => nr::RECVMMSG,
+    sys_exit_sendmmsg => nr::SENDMMSG,
+    sys_exit_sendfile64 => nr::SENDFILE,
+    sys_exit_connect => nr::CONNECT,
+    sys_exit_accept => nr::ACCEPT,
+    sys_exit_accept4 => nr::ACCEPT4,
 }
 
 /// *mmsg: `ret` counts messages; each has its own msghdr and byte count.
@@ -1377,12 +1400,6 @@ fn exit_mmsg(
 /// the floor: what any program on these tracepoints costs before it does any work.
 #[tracepoint]
 pub fn floor(_ctx: TracePointContext) -> u32 {
-    0
-}
-
-/// The floor's stand-in for `sys_exit`.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn floor_sys_exit(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
