@@ -306,7 +306,9 @@ fn new_conn_id() -> u64 {
 /// it runs on; the exit takes it if it belongs to the exiting thread and agrees on the byte
 /// count. Per CPU, not per thread: no hash map work on every socket syscall. A thread that slept
 /// or moved CPU between the two loses its slot; its exit then goes by the connection already
-/// known on that fd (`known_conn`), so only a connection's very first syscall depends on it.
+/// known on that fd (`conn_for` with no socket), so only a connection's first syscall depends
+/// on it. The slot is taken only at the exits of followed syscalls, so one left by another
+/// socket syscall (splice) waits until the byte count check turns it away.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Slot {
