@@ -702,21 +702,11 @@ fn sock_tuple(sk: u64) -> Option<Tuple> {
         return None;
     }
     let field = |offset: u32| sk + offset as u64;
-    let kernel = |addr: u64| -> Option<[u8; 4]> {
-        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const [u8; 4]) }.ok()
-    };
-    let family: u16 =
-        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.family) as *const u16) }
-            .ok()?;
-    let dport: u16 =
-        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.dport) as *const u16) }
-            .ok()?;
-    let num: u16 =
-        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.num) as *const u16) }
-            .ok()?;
+    let family: u16 = read_kernel(field(layout.family))?;
+    let dport: u16 = read_kernel(field(layout.dport))?;
     let mut tuple = Tuple {
         family,
-        sport: num,
+        sport: read_kernel(field(layout.num))?,
         dport: u16::from_be(dport),
         _pad: 0,
         saddr: [0; 16],
@@ -724,20 +714,12 @@ fn sock_tuple(sk: u64) -> Option<Tuple> {
     };
     match family {
         AF_INET => {
-            tuple.saddr[..4].copy_from_slice(&kernel(field(layout.rcv_saddr))?);
-            tuple.daddr[..4].copy_from_slice(&kernel(field(layout.daddr))?);
+            tuple.saddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(field(layout.rcv_saddr))?);
+            tuple.daddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(field(layout.daddr))?);
         }
         AF_INET6 => {
-            tuple.saddr = unsafe {
-                aya_ebpf::helpers::bpf_probe_read_kernel(
-                    field(layout.v6_rcv_saddr) as *const [u8; 16]
-                )
-            }
-            .ok()?;
-            tuple.daddr = unsafe {
-                aya_ebpf::helpers::bpf_probe_read_kernel(field(layout.v6_daddr) as *const [u8; 16])
-            }
-            .ok()?;
+            tuple.saddr = read_kernel(field(layout.v6_rcv_saddr))?;
+            tuple.daddr = read_kernel(field(layout.v6_daddr))?;
         }
         _ => return None,
     }
@@ -873,13 +855,11 @@ fn end(pid_tgid: u64, fd: i32, conn: &ConnState) {
     }
 }
 
-/// connect(): the socket comes from SYN_SENT, which fired inside the call. Without it (a
+/// connect() that succeeded or is in progress: the socket comes from SYN_SENT, which fired
+/// inside the call. Without it (a
 /// blocking connect slept and its slot was taken) the first I/O finds the socket instead.
 #[inline(always)]
-fn exit_connect<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, slot: Option<Slot>, ret: i64) {
-    if ret != 0 && ret != -EINPROGRESS {
-        return;
-    }
+fn exit_connect<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, slot: Option<Slot>) {
     if let Some(slot) = slot
         && slot.sk != 0
     {
@@ -939,6 +919,11 @@ const MMSG_SCAN: u64 = 64;
 fn read_user<T: Copy>(addr: u64) -> Option<T> {
     // Into uninitialised memory: a zeroed value costs a byte-by-byte memset call in BPF.
     unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+#[inline(always)]
+fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
 /// Sends one staged chunk of `fill` bytes.
@@ -1169,7 +1154,7 @@ fn emit_data(
     }
 }
 
-/// Common exit path of reads and writes: TCP over IPv4/IPv6 with bytes moved, else nothing.
+/// Common exit path of reads and writes that moved bytes: TCP over IPv4/IPv6, else nothing.
 #[inline(always)]
 fn exit_io<C: EbpfContext>(
     ctx: &C,
@@ -1178,9 +1163,6 @@ fn exit_io<C: EbpfContext>(
     ret: i64,
     dir: u32,
 ) -> Option<*mut ConnState> {
-    if ret <= 0 {
-        return None;
-    }
     if dir == direction::INGRESS && inflight.recv_flags & MSG_PEEK != 0 {
         return None;
     }
@@ -1248,10 +1230,18 @@ fn exit(ctx: &TracePointContext, nr: u64) -> u32 {
     }
     let slot = take_slot(pid_tgid);
     let ret: i64 = read(ctx, RET);
+    // Failed calls (a read answering EAGAIN is one per request of an event-loop server) need
+    // no registers.
+    let done = match nr {
+        nr::CONNECT => ret == 0 || ret == -EINPROGRESS,
+        nr::ACCEPT | nr::ACCEPT4 => ret >= 0,
+        _ => ret > 0,
+    };
+    if !done {
+        return 0;
+    }
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let Ok(r) = (unsafe {
-        aya_ebpf::helpers::bpf_probe_read_kernel((regs + PT_REGS_R10) as *const SyscallRegs)
-    }) else {
+    let Some(r) = read_kernel::<SyscallRegs>(regs + PT_REGS_R10) else {
         return 0;
     };
     let fd = r.di as i32;
@@ -1269,13 +1259,11 @@ fn exit(ctx: &TracePointContext, nr: u64) -> u32 {
         nr::SENDFILE => (syscall::SENDFILE, direction::EGRESS, r.r10, 0),
         nr::ACCEPT | nr::ACCEPT4 => {
             // The accepted socket is not visible here; the first read or write fills it in.
-            if ret >= 0 {
-                track(ctx, pid_tgid, ret as i32, 0, role::SERVER);
-            }
+            track(ctx, pid_tgid, ret as i32, 0, role::SERVER);
             return 0;
         }
         nr::CONNECT => {
-            exit_connect(ctx, pid_tgid, fd, slot, ret);
+            exit_connect(ctx, pid_tgid, fd, slot);
             return 0;
         }
         _ => return 0,
