@@ -87,7 +87,7 @@ fn accepted(conn_id: u64, port: u16, start_ns: u64, comm: [u8; 16]) -> Vec<u8> {
         role: role::SERVER,
         flags: conn_flags::TUPLE_KNOWN,
         tuple,
-        syscall: syscall::ACCEPT,
+        syscall: syscall::READ,
         _pad: 0,
         comm,
     };

@@ -435,8 +435,8 @@ fn publish(
         (KernelLoss::RingbufFull, counter::LOSS_RINGBUF_FULL),
         (KernelLoss::CopyFailed, counter::LOSS_COPY_FAILED),
         (
-            KernelLoss::SocketUnconfirmed,
-            counter::LOSS_SOCKET_UNCONFIRMED,
+            KernelLoss::UnfollowedSyscall,
+            counter::LOSS_UNFOLLOWED_SYSCALL,
         ),
         (KernelLoss::ConnMapFull, counter::LOSS_CONN_MAP_FULL),
     ] {
@@ -469,8 +469,8 @@ fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
             ("ring buffer full", kernel.get(counter::LOSS_RINGBUF_FULL)),
             ("copy failed", kernel.get(counter::LOSS_COPY_FAILED)),
             (
-                "socket unconfirmed",
-                kernel.get(counter::LOSS_SOCKET_UNCONFIRMED),
+                "unfollowed syscall",
+                kernel.get(counter::LOSS_UNFOLLOWED_SYSCALL),
             ),
             (
                 "connection map full",

@@ -72,8 +72,8 @@ pub enum KernelLoss {
     RingbufFull,
     /// Reading the payload from user memory failed.
     CopyFailed,
-    /// A read or write on an accepted fd not yet tied to its socket went uncaptured.
-    SocketUnconfirmed,
+    /// A socket read or write made by a syscall the probes do not follow left a gap.
+    UnfollowedSyscall,
     /// The connection map was full, so a connection went untracked.
     ConnMapFull,
 }
@@ -83,7 +83,7 @@ impl KernelLoss {
     pub const ALL: [Self; 4] = [
         Self::RingbufFull,
         Self::CopyFailed,
-        Self::SocketUnconfirmed,
+        Self::UnfollowedSyscall,
         Self::ConnMapFull,
     ];
 
@@ -92,7 +92,7 @@ impl KernelLoss {
         match self {
             Self::RingbufFull => "ringbuf_full",
             Self::CopyFailed => "copy_failed",
-            Self::SocketUnconfirmed => "socket_unconfirmed",
+            Self::UnfollowedSyscall => "unfollowed_syscall",
             Self::ConnMapFull => "conn_map_full",
         }
     }
@@ -369,9 +369,9 @@ impl Metrics {
         registry.register(
             "kernel_lost_events",
             "Events the kernel probes dropped, by reason (ringbuf_full: ring buffer full; \
-             copy_failed: reading user memory failed; socket_unconfirmed: a read or write on an \
-             accepted fd that no earlier syscall tied to its socket, made while the thread slept \
-             or changed CPU inside the syscall; conn_map_full: the connection map was full so a \
+             copy_failed: reading user memory failed; unfollowed_syscall: a socket read or write \
+             made by a syscall whose buffers the probes do not know (splice, io_uring, a 32-bit \
+             process), its bytes a gap counted in bytes_not_captured; conn_map_full: the connection map was full so a \
              connection went untracked)",
             kernel_lost_events.clone(),
         );
@@ -931,7 +931,7 @@ mod tests {
             "tracer_bytes_not_captured_total 0\n",
             "tracer_kernel_lost_events_total{reason=\"ringbuf_full\"} 0\n",
             "tracer_kernel_lost_events_total{reason=\"copy_failed\"} 0\n",
-            "tracer_kernel_lost_events_total{reason=\"socket_unconfirmed\"} 0\n",
+            "tracer_kernel_lost_events_total{reason=\"unfollowed_syscall\"} 0\n",
             "tracer_kernel_lost_events_total{reason=\"conn_map_full\"} 0\n",
             "tracer_kernel_lost_bytes_total{reason=\"ringbuf_full\"} 0\n",
             "tracer_userspace_lost_events_total{stage=\"capture\",reason=\"decode_error\"} 0\n",

@@ -825,3 +825,82 @@ say("done")
         );
     }
 }
+
+/// Bytes moved by a syscall whose buffers the probes cannot read (splice from a pipe into the
+/// socket) are a counted gap of the right length, not silently missing: the writes after them
+/// keep their byte positions, and the reading side, an ordinary recv, has every byte.
+#[test]
+fn spliced_bytes_are_a_counted_gap_and_later_writes_keep_their_place() {
+    const SPLICER: &str = r#"
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+c = socket.create_connection(ls.getsockname())
+s, _ = ls.accept()
+wait()
+body = b"spliced body " * 10
+c.sendall(b"head ")
+r, w = os.pipe()
+os.write(w, body)
+n = 0
+while n < len(body):
+    n += os.splice(r, c.fileno(), len(body) - n)
+c.sendall(b"tail")
+got = recv_exact(s, 5 + len(body) + 4)
+say("spliced", n)
+wait()
+c.close(); s.close()
+say("done")
+"#;
+    let body = b"spliced body ".repeat(10);
+    let mut peer = Peer::python("splicer", SPLICER, &[]);
+    let pid = peer.pid();
+    let mut agent = Agent::start(&["--pid", &pid.to_string()]);
+    let unfollowed = r#"tracer_kernel_lost_events_total{reason="unfollowed_syscall"}"#;
+    let before = agent.metric(unfollowed);
+    peer.send("go");
+    assert_eq!(peer.expect_num::<usize>("spliced"), body.len());
+    assert!(
+        tracer_e2e::wait_until(STEP_TIMEOUT, || agent.metric(unfollowed) > before),
+        "the splice was not counted"
+    );
+    let counted = agent.metric(unfollowed) - before;
+    peer.send("go");
+    peer.expect("done");
+    peer.finish();
+    agent.stop_ok();
+    let events = agent.events();
+
+    let client = events.conn_of(pid, "the connecting socket", |o| o.role == "client");
+    let server = events.conn_of(pid, "the accepted socket", |o| o.role == "server");
+    let writes = events.data_of(client.conn, "write");
+    let lines = events.lines_of(client.conn);
+    let gaps: Vec<&Data> = writes.iter().filter(|d| d.syscall == "other").collect();
+    assert_eq!(
+        gaps.len() as f64,
+        counted,
+        "one count per gap event\n{lines}"
+    );
+    assert!(
+        gaps.iter()
+            .all(|d| d.captured == 0 && d.truncated && d.data.is_empty()),
+        "a gap carries no bytes\n{lines}"
+    );
+    assert_eq!(gaps.first().map(|d| d.pos), Some(5), "{lines}");
+    assert_eq!(
+        gaps.iter().map(|d| d.len).sum::<u64>(),
+        body.len() as u64,
+        "{lines}"
+    );
+    let tail = writes
+        .iter()
+        .find(|d| d.data == b"tail")
+        .unwrap_or_else(|| panic!("no write of the tail\n{lines}"));
+    assert_eq!(tail.pos, 5 + body.len() as u64, "{lines}");
+    assert_stream(
+        &events,
+        server.conn,
+        "read",
+        &[&b"head "[..], &body, b"tail"].concat(),
+    );
+}

@@ -176,9 +176,7 @@ fn mount_tracefs() -> io::Result<()> {
 
 /// The tracepoint category of each of our programs, which are named after their tracepoint.
 fn category(program: &str) -> Option<&'static str> {
-    if program.starts_with("sys_enter_") || program.starts_with("sys_exit_") {
-        Some("syscalls")
-    } else if program.starts_with("sock_") || program == "inet_sock_set_state" {
+    if program.starts_with("sock_") || program == "inet_sock_set_state" {
         Some("sock")
     } else if program.starts_with("tcp_") {
         Some("tcp")

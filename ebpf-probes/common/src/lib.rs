@@ -19,8 +19,6 @@ pub const DEFAULT_CAPTURE_LIMIT: u32 = 16 * 1024;
 /// gRPC stacks write one HTTP/2 HEADERS frame as dozens of small slices: fewer would cut header
 /// blocks and desynchronise HPACK for the rest of the connection.
 pub const MAX_IOV: usize = 128;
-/// Messages looked at per sendmmsg/recvmmsg; later ones count as not captured.
-pub const MAX_MMSG: usize = 4;
 
 /// Process ids the traced-process set covers: Linux's PID_MAX_LIMIT.
 pub const TRACED_PID_LIMIT: u32 = 1 << 22;
@@ -67,9 +65,9 @@ pub mod traced {
 pub mod kind {
     /// A [`crate::DataEvent`] followed by `captured_len` payload bytes.
     pub const DATA: u32 = 1;
-    /// A [`crate::ConnEvent`]: first sight of a TCP connection on (tgid, fd).
+    /// A [`crate::ConnEvent`]: first sight of a TCP connection (its first read or write).
     pub const OPEN: u32 = 2;
-    /// A [`crate::CloseEvent`]: the fd of a tracked connection was closed.
+    /// A [`crate::CloseEvent`]: TCP closed the socket of a tracked connection.
     pub const CLOSE: u32 = 3;
     /// An [`crate::EventHeader`] alone: the traced process (thread group) exited.
     pub const EXIT: u32 = 4;
@@ -109,14 +107,13 @@ pub mod syscall {
     pub const RECVMMSG: u32 = 9;
     pub const SENDMMSG: u32 = 10;
     pub const SENDFILE: u32 = 11;
-    pub const CONNECT: u32 = 12;
-    pub const ACCEPT: u32 = 13;
-    pub const ACCEPT4: u32 = 14;
-    pub const CLOSE: u32 = 15;
+    // 12-15 were connect, accept, accept4 and close, which the probes no longer follow.
     /// Plaintext handed to OpenSSL's SSL_write / SSL_write_ex (a uprobe, not a syscall).
     pub const SSL_WRITE: u32 = 16;
     /// Plaintext returned by OpenSSL's SSL_read / SSL_read_ex.
     pub const SSL_READ: u32 = 17;
+    /// Bytes moved by a syscall the probes do not follow (see `counter::LOSS_UNFOLLOWED_SYSCALL`).
+    pub const OTHER: u32 = 18;
 }
 
 /// `DataEvent::flags` bits.
@@ -157,10 +154,10 @@ pub mod counter {
     pub const LOSS_RINGBUF_FULL_BYTES: u32 = 4;
     /// Reads of the process's buffers that failed.
     pub const LOSS_COPY_FAILED: u32 = 5;
-    /// Reads and writes on an accepted fd not yet tied to its socket, made while the thread
-    /// slept or changed CPU inside the syscall (see the probes' `Slot`): not captured, since
-    /// the fd may as well be a Unix socket.
-    pub const LOSS_SOCKET_UNCONFIRMED: u32 = 6;
+    /// Socket reads and writes of traced processes made by a syscall whose buffers the probes
+    /// do not know (splice, io_uring, a 32-bit task): their bytes are a gap in the stream,
+    /// counted in BYTES_NOT_CAPTURED.
+    pub const LOSS_UNFOLLOWED_SYSCALL: u32 = 6;
     /// Connections not tracked because the connection map was full.
     pub const LOSS_CONN_MAP_FULL: u32 = 7;
     /// Ciphertext bytes of TLS connections, not sent (their plaintext is, from the uprobes).
@@ -237,7 +234,7 @@ pub struct Tuple {
     pub daddr: [u8; 16],
 }
 
-/// First sight of a TCP connection on (pid, fd).
+/// First sight of a TCP connection: its first read or write by a traced process (pid, fd).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEvent {
@@ -247,7 +244,7 @@ pub struct ConnEvent {
     /// [`conn_flags`] bits.
     pub flags: u32,
     pub tuple: Tuple,
-    /// The syscall that revealed the connection (connect, accept, or a first read/write).
+    /// The syscall of that first read or write.
     pub syscall: u32,
     pub _pad: u32,
     /// The task's command name: the agent's fallback when a short-lived process (curl) has
@@ -255,7 +252,8 @@ pub struct ConnEvent {
     pub comm: [u8; 16],
 }
 
-/// The fd of a tracked connection was closed (or reused for another socket).
+/// TCP closed the socket of a tracked connection (both sides closed, or a reset). The header
+/// names the process and fd of its OPEN: the close may happen in any context.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CloseEvent {
@@ -317,35 +315,6 @@ pub struct ListenEvent {
     pub addr: [u8; 16],
 }
 
-/// Key of the kernel's connection map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnKey {
-    pub tgid: u32,
-    pub fd: i32,
-}
-
-/// A socket read or write as the probes see it at its end: the syscall's arguments (from the
-/// registers at `sys_exit`, or an SSL_* call's from its uprobe) and its socket. Kernel-side only.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Inflight {
-    pub enter_ns: u64,
-    /// buf, iovec array, msghdr or mmsghdr array, by syscall.
-    pub buf: u64,
-    /// Byte count, iovec count or message count, by syscall.
-    pub count: u64,
-    /// Socket seen by sock_{send,recv}_length or inet_sock_set_state during the syscall.
-    pub sk: u64,
-    pub fd: i32,
-    /// A [`syscall`] value.
-    pub syscall: u32,
-    pub sk_family: u16,
-    pub sk_protocol: u16,
-    /// Receive flags seen by sock_recv_length (MSG_PEEK reads are not consumed data).
-    pub recv_flags: u32,
-}
-
 /// Byte offsets of `struct sock_common` fields (the start of every `struct sock`) in the
 /// running kernel, from its BTF; the agent sets them at load time. `known` 0: no BTF, so the
 /// probes cannot read a socket's tuple themselves.
@@ -374,7 +343,6 @@ mod pod {
     unsafe impl aya::Pod for super::Tuple {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::CloseEvent {}
-    unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::TracedSet {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ListenEvent {}
@@ -387,9 +355,7 @@ const _: () = assert!(core::mem::size_of::<DataEvent>() == 32 + 8 * 3 + 4 * 6);
 const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 32 + 8 + 40 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<CloseEvent>() == 48);
-const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + 16 + 16 + EXEC_FILENAME_LEN);
 const _: () = assert!(core::mem::size_of::<ListenEvent>() == 32 + 8 + 16);
-const _: () = assert!(core::mem::size_of::<Inflight>() == 8 * 4 + 4 * 2 + 2 * 2 + 4);
 const _: () = assert!(core::mem::size_of::<SockLayout>() == 4 * 8);
 const _: () = assert!(CHUNK_SIZE.is_power_of_two());

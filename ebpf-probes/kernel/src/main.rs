@@ -1,19 +1,21 @@
 //! tracer-agent kernel programs. Tracepoints only: this must run where kprobes and fentry are
-//! unavailable (see shared notes on the kernel).
+//! unavailable (see shared notes on the kernel). No syscall tracepoints either: enabling any one
+//! of them sends every syscall of every process on the host down the kernel's slow path.
 //!
 //! How a socket read or write becomes events:
-//! * `sock:sock_{send,recv}_length`, which fire inside the syscall in the caller's context, put
-//!   the socket (sk pointer, family, protocol) in this CPU's `SLOT`, so files and pipes are told
-//!   apart from sockets without kprobes; `tcp:tcp_sendmsg_locked` adds when a send began;
-//! * `sys_exit_*` reads the syscall's arguments from the user registers saved at its entry
-//!   (`bpf_task_pt_regs`), knows how many bytes moved, copies up to the capture limit from user
-//!   memory and writes `DataEvent` chunks to `EVENTS`, each placed by its byte position in that
-//!   direction of the connection. No entry probes (but close's): a syscall already blocked when
-//!   the probes were attached is captured like any other.
+//! * `sock:sock_{send,recv}_length` fire inside the syscall, in the caller's context, once its
+//!   bytes have moved. They name the socket, its family and protocol, and the byte count; the
+//!   syscall's own arguments are still in the user registers saved at its entry
+//!   (`bpf_task_pt_regs`): which syscall (`orig_ax`), the fd and where the bytes are. Files
+//!   and pipes never reach these tracepoints.
+//! * The program copies up to the capture limit from user memory and writes `DataEvent` chunks
+//!   to `EVENTS`, each placed by its byte position in that direction of the connection;
+//!   `tcp:tcp_sendmsg_locked` says when a send began.
 //!
-//! Connection tuples and roles come from `sock:inet_sock_set_state`, keyed by sk pointer; a
-//! socket older than the agent is read directly (`SOCK_LAYOUT`, or without BTF
-//! `tcp:tcp_rcv_space_adjust`).
+//! Connections are keyed by socket (`CONNS`): first seen at their first read or write, ended
+//! when TCP moves the socket to CLOSE. Tuples and roles come from `sock:inet_sock_set_state`,
+//! keyed by sk pointer; a socket older than the agent is read directly (`SOCK_LAYOUT`, or
+//! without BTF `tcp:tcp_rcv_space_adjust`).
 //! Entry points are thin; each losing path increments a `COUNTERS` slot.
 //!
 //! Which processes are traced is one byte per pid in `TRACED` (states in
@@ -44,10 +46,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
-    CHUNK_SIZE, CloseEvent, ConnEvent, ConnKey, DataEvent, EXEC_FILENAME_LEN, EventHeader,
-    ExecEvent, Inflight, ListenEvent, MAX_CAPTURE_LIMIT, MAX_CHUNKS_PER_SYSCALL, MAX_IOV, MAX_MMSG,
-    SockLayout, TRACED_PID_LIMIT, TracedSet, Tuple, conn_flags, counter, data_flags, direction,
-    kind, role, syscall, traced,
+    CHUNK_SIZE, CloseEvent, ConnEvent, DataEvent, EXEC_FILENAME_LEN, EventHeader, ExecEvent,
+    ListenEvent, MAX_CAPTURE_LIMIT, MAX_CHUNKS_PER_SYSCALL, MAX_IOV, SockLayout, TRACED_PID_LIMIT,
+    TracedSet, Tuple, conn_flags, counter, data_flags, direction, kind, role, syscall, traced,
 };
 
 // ---- load-time configuration (set by the agent with EbpfLoader::set_global) ----
@@ -99,9 +100,10 @@ static TRACED: Array<TracedSet> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
-/// Tracked connections by (tgid, fd). LRU so fds we never saw closed cannot fill it.
+/// Tracked connections by socket (sk pointer). LRU so sockets whose close was never seen
+/// cannot fill it.
 #[map]
-static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65_536, 0);
+static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Tuple and role of TCP sockets by sk pointer, host-wide.
 #[map]
@@ -136,15 +138,14 @@ struct Scratch {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ConnState {
+pub struct ConnState {
     id: u64,
-    sk: u64,
     /// Next byte position per direction (index: tracer_common::direction).
     pos: [u64; 2],
-    role: u32,
-    /// 1 once the OPEN event went out. Connects announce at first I/O (or close), when the
-    /// tuple is final: the source port is picked after SYN_SENT fires.
-    announced: u32,
+    /// The process and fd that first moved bytes on it: its CLOSE, sent from whatever context
+    /// TCP closes the socket in, names them.
+    tgid: u32,
+    fd: i32,
     /// 1 once the connection is known to carry TLS (see `tls`): its syscalls' bytes are
     /// ciphertext, not sent; positions count the plaintext the uprobes emit.
     tls: u32,
@@ -163,10 +164,10 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: u32 = 2;
-const EINPROGRESS: i64 = 115;
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -300,111 +301,48 @@ fn new_conn_id() -> u64 {
     (seq << 10) | (cpu & 1023)
 }
 
-// ---- inside the syscall: which socket, and when sending began ----
+// ---- inside the syscall: when a send began ----
 
-/// Ties a syscall's socket to its exit. Tracepoints inside the syscall fill the slot of the CPU
-/// it runs on; the exit takes it if it belongs to the exiting thread and agrees on the byte
-/// count. Per CPU, not per thread: no hash map work on every socket syscall. A thread that slept
-/// or moved CPU between the two loses its slot; its exit then goes by the connection already
-/// known on that fd (`conn_for` with no socket), so only a connection's first syscall depends
-/// on it. The slot is taken only at the exits of followed syscalls, so one left by another
-/// socket syscall (splice) waits until the byte count check turns it away.
+/// When a thread's current send began: `tcp_sendmsg_locked` fills this CPU's slot and
+/// `sock_send_length`, at the end of the same send, takes it. Per CPU, not per thread: no hash
+/// map work on every send. A send that slept and woke on another CPU finds no slot of its own
+/// there and is taken to start when it ended.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Slot {
+struct SendStart {
     pid_tgid: u64,
-    /// The socket (0 until sock_*_length or inet_sock_set_state name it).
-    sk: u64,
-    /// Bytes sock_*_length reported, summed (sendfile and *mmsg send in several rounds).
-    bytes: u64,
-    /// When the syscall's first send round began (tcp_sendmsg_locked), 0 if unseen.
-    send_ns: u64,
-    family: u16,
-    protocol: u16,
-    _pad: u32,
+    ns: u64,
 }
 
 #[map]
-static SLOT: PerCpuArray<Slot> = PerCpuArray::with_max_entries(1, 0);
+static SEND_START: PerCpuArray<SendStart> = PerCpuArray::with_max_entries(1, 0);
 
-/// A send round this much later than the slot's first is taken for a new syscall: the slot was
-/// left by a thread that moved CPU mid-send, not started by this syscall.
+/// A slot this old was left by a send that moved CPU, not begun by the one ending now.
 const SEND_STALE_NS: u64 = 100_000_000;
 
-/// Fires at each round of a TCP send, before its bytes are queued: the start of a write.
+/// Fires once per TCP send call, before its bytes are queued: the start of a write.
 #[tracepoint]
 pub fn tcp_sendmsg_locked(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let Some(slot) = SLOT.get_ptr_mut(0) else {
-        return 0;
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let slot = unsafe { &mut *slot };
-    if slot.pid_tgid == pid_tgid && slot.send_ns != 0 && now - slot.send_ns < SEND_STALE_NS {
-        return 0; // a later round of the same send
+    if let Some(slot) = SEND_START.get_ptr_mut(0) {
+        let ns = unsafe { bpf_ktime_get_ns() };
+        unsafe { *slot = SendStart { pid_tgid, ns } };
     }
-    *slot = Slot {
-        pid_tgid,
-        sk: 0,
-        bytes: 0,
-        send_ns: now,
-        family: 0,
-        protocol: 0,
-        _pad: 0,
-    };
     0
 }
 
+/// The start of this thread's send that ends at `now`, if this CPU saw it begin.
 #[inline(always)]
-fn sock_length(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) {
-        return 0;
-    }
-    let Some(slot) = SLOT.get_ptr_mut(0) else {
-        return 0;
-    };
-    let sk: u64 = read(ctx, 8);
-    let ret: i32 = read(ctx, 20);
-    let bytes = if ret > 0 { ret as u64 } else { 0 };
-    let slot = unsafe { &mut *slot };
-    if slot.pid_tgid == pid_tgid && (slot.sk == 0 || slot.sk == sk) {
-        slot.bytes += bytes;
-    } else {
-        slot.pid_tgid = pid_tgid;
-        slot.bytes = bytes;
-        slot.send_ns = 0;
-    }
-    slot.sk = sk;
-    slot.family = read(ctx, 16);
-    slot.protocol = read(ctx, 18);
-    0
-}
-
-#[tracepoint]
-pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    sock_length(&ctx)
-}
-
-#[tracepoint]
-pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    sock_length(&ctx)
-}
-
-/// The slot of the exiting thread, if this CPU's is its; the slot is emptied either way.
-#[inline(always)]
-fn take_slot(pid_tgid: u64) -> Option<Slot> {
-    let slot = SLOT.get_ptr_mut(0)?;
-    let slot = unsafe { &mut *slot };
+fn take_send_start(pid_tgid: u64, now: u64) -> Option<u64> {
+    let slot = unsafe { &mut *SEND_START.get_ptr_mut(0)? };
     if slot.pid_tgid != pid_tgid {
         return None;
     }
-    let taken = *slot;
     slot.pid_tgid = 0;
-    Some(taken)
+    (now.wrapping_sub(slot.ns) < SEND_STALE_NS).then_some(slot.ns)
 }
 
 /// Tuple fields common to inet_sock_set_state and tcp_rcv_space_adjust, at their offsets.
@@ -455,6 +393,14 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if new == TCP_LISTEN {
         return listen(&ctx);
     }
+    if new == TCP_CLOSE {
+        // Both sides closed, a reset, or a connect that failed: the socket is done.
+        if let Some(conn) = unsafe { CONNS.get(sk) } {
+            emit_close(conn);
+            let _ = CONNS.remove(sk);
+        }
+        return 0;
+    }
     // SYN_SENT fires before connect() picks the source port; SYN_SENT -> ESTABLISHED
     // refreshes the tuple with it.
     let role = match (old, new) {
@@ -474,24 +420,6 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         },
         0,
     );
-    // SYN_SENT fires inside connect() in the caller's context: that ties fd to sk.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if new == TCP_SYN_SENT
-        && is_traced((pid_tgid >> 32) as u32)
-        && let Some(slot) = SLOT.get_ptr_mut(0)
-    {
-        unsafe {
-            *slot = Slot {
-                pid_tgid,
-                sk,
-                bytes: 0,
-                send_ns: 0,
-                family: tuple.family,
-                protocol: IPPROTO_TCP,
-                _pad: 0,
-            };
-        }
-    }
     0
 }
 
@@ -669,23 +597,21 @@ fn emit_exec(ctx: &TracePointContext, pid_tgid: u64, prev: u8, next: u8) {
 
 // ---- connections ----
 
-fn emit_open(pid_tgid: u64, fd: i32, conn: &ConnState, nr: u32) {
+fn emit_open(pid_tgid: u64, sk: u64, conn: &ConnState, nr: u32) {
     let mut event = ConnEvent {
-        header: header(kind::OPEN, pid_tgid, fd, conn.id),
-        role: conn.role,
+        header: header(kind::OPEN, pid_tgid, conn.fd, conn.id),
+        role: role::UNKNOWN,
         flags: 0,
         tuple: Tuple::default(),
         syscall: nr,
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or_default(),
     };
-    if let Some(info) = unsafe { SOCKS.get(conn.sk) } {
+    if let Some(info) = unsafe { SOCKS.get(sk) } {
         event.tuple = info.tuple;
         event.flags = conn_flags::TUPLE_KNOWN;
-        if event.role == role::UNKNOWN {
-            event.role = info.role;
-        }
-    } else if let Some(tuple) = sock_tuple(conn.sk) {
+        event.role = info.role;
+    } else if let Some(tuple) = sock_tuple(sk) {
         event.tuple = tuple;
         event.flags = conn_flags::TUPLE_KNOWN;
     }
@@ -726,177 +652,69 @@ fn sock_tuple(sk: u64) -> Option<Tuple> {
     Some(tuple)
 }
 
-/// Address of the first byte a read/write syscall moved (0 when not a buffer, iovec or msghdr).
+/// Address of the first byte at `source` (0 when there is none to read).
 #[inline(always)]
-fn first_byte(inflight: &Inflight) -> u64 {
-    match inflight.syscall {
-        syscall::READ | syscall::WRITE | syscall::RECVFROM | syscall::SENDTO => inflight.buf,
-        syscall::READV | syscall::WRITEV => {
-            read_user::<Iovec>(inflight.buf).map_or(0, |iov| iov.base)
-        }
-        // The first msghdr (an mmsghdr starts with one): its first iovec. grpcio moves TLS
-        // records with sendmsg/recvmsg.
-        syscall::SENDMSG | syscall::RECVMSG | syscall::SENDMMSG | syscall::RECVMMSG => {
-            read_user::<u64>(inflight.buf + MSGHDR_IOV)
-                .and_then(read_user::<Iovec>)
-                .map_or(0, |iov| iov.base)
-        }
+fn first_byte(source: Source) -> u64 {
+    match source {
+        Source::Buf(buf) => buf,
+        Source::Iov(iov, n) if n > 0 => read_user::<Iovec>(iov).map_or(0, |seg| seg.base),
         _ => 0,
     }
 }
 
-fn emit_close(pid_tgid: u64, fd: i32, conn: &ConnState) {
+/// Reports the end of `conn`, in the name of the process that first used it.
+fn emit_close(conn: &ConnState) {
+    let owner = ((conn.tgid as u64) << 32) | conn.tgid as u64;
     output(&CloseEvent {
-        header: header(kind::CLOSE, pid_tgid, fd, conn.id),
+        header: header(kind::CLOSE, owner, conn.fd, conn.id),
         egress_bytes: conn.pos[direction::EGRESS as usize],
         ingress_bytes: conn.pos[direction::INGRESS as usize],
     });
 }
 
-/// The connection on (tgid, fd), created (and announced) on first sight of socket `sk`. With `sk`
-/// 0 (the socket was not seen in this syscall, see `Slot`) only a connection already known on
-/// the fd is returned: the fd cannot be told from a file or pipe otherwise.
-fn conn_for<C: EbpfContext>(ctx: &C, pid_tgid: u64, inflight: &Inflight) -> Option<*mut ConnState> {
-    let (fd, sk, nr) = (inflight.fd, inflight.sk, inflight.syscall);
-    let key = ConnKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd,
-    };
-    let mut role = role::UNKNOWN;
-    if let Some(conn) = CONNS.get_ptr_mut(key) {
-        let existing = unsafe { &mut *conn };
-        if existing.sk == 0 {
-            if sk == 0 {
-                // Accepted, and no syscall on it was tied to a socket yet: TCP or Unix?
-                count(counter::LOSS_SOCKET_UNCONFIRMED, 1);
-                return None;
-            }
-            // Accepted earlier; its socket shows itself on first I/O.
-            existing.sk = sk;
-        }
-        if sk == 0 || existing.sk == sk {
-            if existing.announced == 0 {
-                existing.announced = 1;
-                existing.tls = tls::starts_tls(pid_tgid, first_byte(inflight));
-                // Seen at connect() or accept(); name that syscall rather than this I/O.
-                let via = if existing.role == role::CLIENT {
-                    syscall::CONNECT
-                } else {
-                    syscall::ACCEPT
-                };
-                emit_open(pid_tgid, fd, existing, via);
-            }
-            return Some(conn);
-        }
-        // The fd now names another socket: the old one was closed unseen (dup2, exec...).
-        emit_close(pid_tgid, fd, existing);
+/// The connection on socket `sk`, created and announced at its first read or write, which
+/// `io` describes and whose bytes start at `first`.
+#[inline(always)]
+fn conn_for(
+    ctx: &TracePointContext,
+    pid_tgid: u64,
+    sk: u64,
+    io: &Io,
+    first: u64,
+) -> Option<*mut ConnState> {
+    if let Some(conn) = CONNS.get_ptr_mut(sk) {
+        return Some(conn);
     }
-    if sk == 0 {
-        return None;
-    }
-    if let Some(info) = unsafe { SOCKS.get(sk) } {
-        role = info.role;
-    }
-    let tls = tls::starts_tls(pid_tgid, first_byte(inflight));
     let state = ConnState {
         id: new_conn_id(),
-        sk,
         pos: [0, 0],
-        role,
-        announced: 1,
-        tls,
+        tgid: (pid_tgid >> 32) as u32,
+        fd: io.fd,
+        tls: tls::starts_tls(pid_tgid, first),
         _pad: 0,
     };
-    if CONNS.insert(key, state, 0).is_err() {
+    if CONNS.insert(sk, state, 0).is_err() {
         if count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
             warn!(ctx, "connection map full: a connection is not traced");
         }
         return None;
     }
-    emit_open(pid_tgid, fd, &state, nr);
-    CONNS.get_ptr_mut(key)
-}
-
-/// A new connection on (tgid, fd), announced at its first I/O or close.
-#[inline(always)]
-fn track<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, sk: u64, role: u32) {
-    let key = ConnKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd,
-    };
-    // A connection still on the fd was closed unseen (dup2 onto it, or a close whose
-    // connection was not known yet): it ends here.
-    if let Some(old) = unsafe { CONNS.get(key) } {
-        end(pid_tgid, fd, old);
-    }
-    let state = ConnState {
-        id: new_conn_id(),
-        sk,
-        pos: [0, 0],
-        role,
-        announced: 0,
-        tls: 0,
-        _pad: 0,
-    };
-    if CONNS.insert(key, state, 0).is_err() && count(counter::LOSS_CONN_MAP_FULL, 1) == 0 {
-        warn!(ctx, "connection map full: a connection is not traced");
-    }
-}
-
-/// Reports the end of `conn`. A connection that never moved data is still shown, opened and
-/// closed; one never tied to a socket is not shown at all.
-#[inline(always)]
-fn end(pid_tgid: u64, fd: i32, conn: &ConnState) {
-    if conn.announced == 0 && conn.sk != 0 {
-        emit_open(pid_tgid, fd, conn, syscall::CLOSE);
-    }
-    if conn.announced != 0 || conn.sk != 0 {
-        emit_close(pid_tgid, fd, conn);
-    }
-}
-
-/// connect() that succeeded or is in progress: the socket comes from SYN_SENT, which fired
-/// inside the call. Without it (a
-/// blocking connect slept and its slot was taken) the first I/O finds the socket instead.
-#[inline(always)]
-fn exit_connect<C: EbpfContext>(ctx: &C, pid_tgid: u64, fd: i32, slot: Option<Slot>) {
-    if let Some(slot) = slot
-        && slot.sk != 0
-    {
-        track(ctx, pid_tgid, fd, slot.sk, role::CLIENT);
-    }
-}
-
-/// close() at its entry, while the fd still names the connection: at the exit another thread
-/// may already have been given the fd by accept or connect.
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !is_traced(tgid) {
-        return 0;
-    }
-    let fd: u64 = read(&ctx, CLOSE_FD);
-    let key = ConnKey {
-        tgid,
-        fd: fd as i32,
-    };
-    if let Some(conn) = unsafe { CONNS.get(key) } {
-        end(pid_tgid, fd as i32, conn);
-        let _ = CONNS.remove(key);
-    }
-    0
+    emit_open(pid_tgid, sk, &state, io.syscall);
+    CONNS.get_ptr_mut(sk)
 }
 
 /// Where a syscall's bytes are in user memory.
 #[derive(Clone, Copy)]
-enum Source {
+pub enum Source {
     /// One buffer.
     Buf(u64),
     /// An iovec array and its length.
     Iov(u64, u64),
     /// Nothing to copy (sendfile).
     None,
+    /// Bytes in user memory the probes do not locate (a round of *mmsg, a syscall not
+    /// followed): the stream gets a gap of their length, counted as not captured.
+    Skip,
 }
 
 #[repr(C)]
@@ -909,11 +727,6 @@ struct Iovec {
 /// `struct user_msghdr` as far as we need it (stable user ABI, x86_64).
 const MSGHDR_IOV: u64 = 16;
 const MSGHDR_IOVLEN: u64 = 24;
-/// `struct mmsghdr`: a msghdr (56 bytes) then `msg_len`.
-const MMSGHDR_SIZE: u64 = 64;
-const MMSGHDR_LEN: u64 = 56;
-/// Messages of one *mmsg call whose lengths are read (beyond that the agent sees a gap).
-const MMSG_SCAN: u64 = 64;
 
 #[inline(always)]
 fn read_user<T: Copy>(addr: u64) -> Option<T> {
@@ -1047,33 +860,38 @@ extern "C" fn copy_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 #[inline(always)]
 fn emit_payload(scratch: *mut Scratch, source: Source, total: u64, limit: u64) -> u64 {
     let want = if total < limit { total } else { limit };
-    let state = unsafe { &mut (*scratch).copy };
-    *state = CopyState {
-        iov: 0,
-        iov_count: 0,
-        index: 0,
-        seg_base: 0,
-        seg_left: 0,
-        remaining: want,
-        captured: 0,
-        fill: 0,
-        done: 0,
-    };
-    match source {
-        Source::Buf(buf) => {
-            state.seg_base = buf;
-            state.seg_left = want;
-        }
+    let (iov, iov_count, seg) = match source {
+        Source::Buf(buf) => (
+            0,
+            0,
+            Iovec {
+                base: buf,
+                len: want,
+            },
+        ),
         Source::Iov(iov, n) => {
-            state.iov = iov;
-            state.iov_count = n;
-            if let Some(seg) = read_user::<Iovec>(iov) {
-                state.seg_base = seg.base;
-                state.seg_left = seg.len;
-            }
+            let seg = read_user::<Iovec>(iov).unwrap_or(Iovec { base: 0, len: 0 });
+            (iov, n, seg)
         }
-        Source::None => {}
-    }
+        Source::None | Source::Skip => (0, 0, Iovec { base: 0, len: 0 }),
+    };
+    // One volatile write: a plain one becomes byte-loop memset calls for the zeroed fields.
+    unsafe {
+        core::ptr::write_volatile(
+            &mut (*scratch).copy,
+            CopyState {
+                iov,
+                iov_count,
+                index: 0,
+                seg_base: seg.base,
+                seg_left: seg.len,
+                remaining: want,
+                captured: 0,
+                fill: 0,
+                done: 0,
+            },
+        )
+    };
     unsafe {
         bpf_loop(
             (MAX_CHUNKS_PER_SYSCALL + MAX_IOV) as u32,
@@ -1094,12 +912,21 @@ fn emit_payload(scratch: *mut Scratch, source: Source, total: u64, limit: u64) -
     captured
 }
 
-/// Emits the bytes of one syscall (or one message of *mmsg) on `conn`.
-#[allow(clippy::too_many_arguments)]
+/// What `emit_data` needs of the call that moved the bytes.
+#[derive(Clone, Copy)]
+pub struct Io {
+    /// When it began (a send) or ended (a receive).
+    pub enter_ns: u64,
+    pub fd: i32,
+    /// A [`syscall`] value.
+    pub syscall: u32,
+}
+
+/// Emits the bytes of one syscall (or one round of a syscall that sends in rounds) on `conn`.
 #[inline(always)]
-fn emit_data(
+pub fn emit_data(
     pid_tgid: u64,
-    inflight: &Inflight,
+    io: &Io,
     conn: *mut ConnState,
     dir: u32,
     source: Source,
@@ -1115,11 +942,11 @@ fn emit_data(
     conn.pos[dir_index] = pos + len;
     let limit = capture_limit();
     let mut flags = data_flags::FIRST_CHUNK;
-    if len > limit {
-        flags |= data_flags::TRUNCATED;
-    }
-    if matches!(source, Source::None) {
-        flags |= data_flags::NO_PAYLOAD;
+    match source {
+        Source::None => flags |= data_flags::NO_PAYLOAD,
+        Source::Skip => flags |= data_flags::TRUNCATED,
+        _ if len > limit => flags |= data_flags::TRUNCATED,
+        _ => {}
     }
     unsafe {
         (*scratch).event = DataEvent {
@@ -1127,23 +954,23 @@ fn emit_data(
                 kind: kind::DATA,
                 pid: (pid_tgid >> 32) as u32,
                 tid: pid_tgid as u32,
-                fd: inflight.fd,
+                fd: io.fd,
                 conn_id: conn.id,
                 ts_ns: now,
             },
-            enter_ns: inflight.enter_ns,
+            enter_ns: io.enter_ns,
             syscall_pos: pos,
             syscall_len: len,
             chunk_offset: 0,
             captured_len: 0,
             direction: dir,
-            syscall: inflight.syscall,
+            syscall: io.syscall,
             flags,
             chunk_index: 0,
         };
     }
     let captured = match source {
-        Source::None => {
+        Source::None | Source::Skip => {
             flush_chunk(scratch, 0, true);
             0
         }
@@ -1154,33 +981,8 @@ fn emit_data(
     }
 }
 
-/// Common exit path of reads and writes that moved bytes: TCP over IPv4/IPv6, else nothing.
-#[inline(always)]
-fn exit_io<C: EbpfContext>(
-    ctx: &C,
-    pid_tgid: u64,
-    inflight: &Inflight,
-    ret: i64,
-    dir: u32,
-) -> Option<*mut ConnState> {
-    if dir == direction::INGRESS && inflight.recv_flags & MSG_PEEK != 0 {
-        return None;
-    }
-    if inflight.sk != 0
-        && (inflight.sk_protocol != IPPROTO_TCP
-            || (inflight.sk_family != AF_INET && inflight.sk_family != AF_INET6))
-    {
-        return None;
-    }
-    let conn = conn_for(ctx, pid_tgid, inflight)?;
-    if tls::ciphertext(pid_tgid, inflight.fd, conn, ret as u64) {
-        return None;
-    }
-    Some(conn)
-}
-
-/// The user registers saved at syscall entry, r10 to di (x86_64 `struct pt_regs`, whose layout
-/// is user ABI): a syscall's arguments are still there at its exit.
+/// The user registers saved at syscall entry, r10 to cs (x86_64 `struct pt_regs`, whose layout
+/// is user ABI): a syscall's arguments are still there while it runs.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct SyscallRegs {
@@ -1192,10 +994,17 @@ struct SyscallRegs {
     dx: u64,
     si: u64,
     di: u64,
+    /// The syscall number.
+    orig_ax: u64,
+    ip: u64,
+    cs: u64,
 }
 
 /// Offset of r10 in `struct pt_regs`.
 const PT_REGS_R10: u64 = 7 * 8;
+/// `cs` of a 64-bit user task. Kernel workers (io_uring's) have zeroed registers and 32-bit
+/// tasks number their syscalls differently: their registers say nothing we can use.
+const USER_CS: u64 = 0x33;
 
 /// x86_64 syscall numbers.
 mod nr {
@@ -1204,186 +1013,124 @@ mod nr {
     pub const READV: u64 = 19;
     pub const WRITEV: u64 = 20;
     pub const SENDFILE: u64 = 40;
-    pub const CONNECT: u64 = 42;
-    pub const ACCEPT: u64 = 43;
     pub const SENDTO: u64 = 44;
     pub const RECVFROM: u64 = 45;
     pub const SENDMSG: u64 = 46;
     pub const RECVMSG: u64 = 47;
-    pub const ACCEPT4: u64 = 288;
     pub const RECVMMSG: u64 = 299;
     pub const SENDMMSG: u64 = 307;
 }
 
-/// Offset of `fd` in the `syscalls:sys_enter_close` record, of `ret` in `sys_exit_*` ones.
-const CLOSE_FD: usize = 16;
-const RET: usize = 16;
+/// Fields of the `sock:sock_{send,recv}_length` records.
+const SOCK_SK: usize = 8;
+const SOCK_FAMILY: usize = 16;
+const SOCK_PROTOCOL: usize = 18;
+const SOCK_RET: usize = 20;
+const SOCK_FLAGS: usize = 24;
 
-/// The exit of a followed syscall, `nr`. Untraced tasks stop at the traced-set byte; for traced
-/// ones the syscall's arguments come from the user registers the kernel saved at its entry
-/// (`bpf_task_pt_regs`), so no entry probe and no map of syscalls in flight is needed.
+/// The syscall in flight on this thread, from its saved registers, if it is one whose buffers
+/// we know: its fd, its `syscall` id and where the `dir` bytes are.
 #[inline(always)]
-fn exit(ctx: &TracePointContext, nr: u64) -> u32 {
+fn followed_syscall(dir: u32, enter_ns: u64) -> Option<(Io, Source)> {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let r = read_kernel::<SyscallRegs>(regs + PT_REGS_R10)?;
+    if r.cs != USER_CS {
+        return None;
+    }
+    let ingress = dir == direction::INGRESS;
+    let (id, source) = match r.orig_ax {
+        nr::READ if ingress => (syscall::READ, Source::Buf(r.si)),
+        nr::WRITE if !ingress => (syscall::WRITE, Source::Buf(r.si)),
+        nr::RECVFROM if ingress => (syscall::RECVFROM, Source::Buf(r.si)),
+        nr::SENDTO if !ingress => (syscall::SENDTO, Source::Buf(r.si)),
+        nr::READV if ingress => (syscall::READV, Source::Iov(r.si, r.dx)),
+        nr::WRITEV if !ingress => (syscall::WRITEV, Source::Iov(r.si, r.dx)),
+        nr::RECVMSG | nr::SENDMSG => {
+            let id = if ingress {
+                syscall::RECVMSG
+            } else {
+                syscall::SENDMSG
+            };
+            let iov: u64 = read_user(r.si + MSGHDR_IOV).unwrap_or(0);
+            let iovlen: u64 = read_user(r.si + MSGHDR_IOVLEN).unwrap_or(0);
+            (id, Source::Iov(iov, iovlen))
+        }
+        nr::SENDFILE if !ingress => (syscall::SENDFILE, Source::None),
+        // One message per round, and nothing here says which: a gap (rare on TCP).
+        nr::RECVMMSG if ingress => (syscall::RECVMMSG, Source::Skip),
+        nr::SENDMMSG if !ingress => (syscall::SENDMMSG, Source::Skip),
+        _ => return None,
+    };
+    let io = Io {
+        enter_ns,
+        fd: r.di as i32,
+        syscall: id,
+    };
+    Some((io, source))
+}
+
+/// A read or write on a socket, once its bytes have moved (a syscall that sends in rounds,
+/// sendfile, fires once per round). Untraced tasks stop at the traced-set byte.
+#[inline(always)]
+fn sock_io(ctx: &TracePointContext, dir: u32) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !is_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let slot = take_slot(pid_tgid);
-    let ret: i64 = read(ctx, RET);
-    // Failed calls (a read answering EAGAIN is one per request of an event-loop server) need
-    // no registers.
-    let done = match nr {
-        nr::CONNECT => ret == 0 || ret == -EINPROGRESS,
-        nr::ACCEPT | nr::ACCEPT4 => ret >= 0,
-        _ => ret > 0,
-    };
-    if !done {
-        return 0;
-    }
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let Some(r) = read_kernel::<SyscallRegs>(regs + PT_REGS_R10) else {
-        return 0;
-    };
-    let fd = r.di as i32;
-    let (id, dir, count_arg, flags) = match nr {
-        nr::READ => (syscall::READ, direction::INGRESS, r.dx, 0),
-        nr::WRITE => (syscall::WRITE, direction::EGRESS, r.dx, 0),
-        nr::READV => (syscall::READV, direction::INGRESS, r.dx, 0),
-        nr::WRITEV => (syscall::WRITEV, direction::EGRESS, r.dx, 0),
-        nr::RECVFROM => (syscall::RECVFROM, direction::INGRESS, r.dx, r.r10),
-        nr::SENDTO => (syscall::SENDTO, direction::EGRESS, r.dx, 0),
-        nr::RECVMSG => (syscall::RECVMSG, direction::INGRESS, 0, r.dx),
-        nr::SENDMSG => (syscall::SENDMSG, direction::EGRESS, 0, 0),
-        nr::RECVMMSG => (syscall::RECVMMSG, direction::INGRESS, r.dx, r.r10),
-        nr::SENDMMSG => (syscall::SENDMMSG, direction::EGRESS, r.dx, 0),
-        nr::SENDFILE => (syscall::SENDFILE, direction::EGRESS, r.r10, 0),
-        nr::ACCEPT | nr::ACCEPT4 => {
-            // The accepted socket is not visible here; the first read or write fills it in.
-            track(ctx, pid_tgid, ret as i32, 0, role::SERVER);
-            return 0;
-        }
-        nr::CONNECT => {
-            exit_connect(ctx, pid_tgid, fd, slot);
-            return 0;
-        }
-        _ => return 0,
-    };
-    let mmsg = id == syscall::RECVMMSG || id == syscall::SENDMMSG;
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut inflight = Inflight {
-        enter_ns: now,
-        buf: if id == syscall::SENDFILE { 0 } else { r.si },
-        count: count_arg,
-        sk: 0,
-        fd,
-        syscall: id,
-        sk_family: 0,
-        sk_protocol: 0,
-        recv_flags: flags as u32,
+    // Taken even when this send failed, so no later send inherits it.
+    let enter_ns = if dir == direction::EGRESS {
+        take_send_start(pid_tgid, now).unwrap_or(now)
+    } else {
+        now
     };
-    // The slot is this syscall's if its byte count agrees (*mmsg returns messages, not bytes);
-    // one left by an earlier syscall of this thread on this CPU does not.
-    if let Some(slot) = slot
-        && slot.sk != 0
-        && (mmsg || slot.bytes == ret as u64)
-    {
-        inflight.sk = slot.sk;
-        inflight.sk_family = slot.family;
-        inflight.sk_protocol = slot.protocol;
-        if dir == direction::EGRESS && slot.send_ns != 0 {
-            inflight.enter_ns = slot.send_ns;
-        }
+    let ret: i32 = read(ctx, SOCK_RET);
+    let family: u16 = read(ctx, SOCK_FAMILY);
+    let protocol: u16 = read(ctx, SOCK_PROTOCOL);
+    if ret <= 0 || protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+        return 0;
     }
-    let Some(conn) = exit_io(ctx, pid_tgid, &inflight, ret, dir) else {
+    if dir == direction::INGRESS && read::<u32>(ctx, SOCK_FLAGS) & MSG_PEEK != 0 {
+        return 0; // peeked bytes are read again
+    }
+    let sk: u64 = read(ctx, SOCK_SK);
+    let len = ret as u64;
+    let followed = followed_syscall(dir, enter_ns);
+    let conn = match followed {
+        Some((io, source)) => conn_for(ctx, pid_tgid, sk, &io, first_byte(source)),
+        None => {
+            // Without a syscall's fd only a connection already known can take the bytes.
+            count(counter::LOSS_UNFOLLOWED_SYSCALL, 1);
+            CONNS.get_ptr_mut(sk)
+        }
+    };
+    let Some(conn) = conn else {
+        count(counter::BYTES_NOT_CAPTURED, len);
         return 0;
     };
-    match id {
-        syscall::READ | syscall::WRITE | syscall::RECVFROM | syscall::SENDTO => {
-            let source = Source::Buf(inflight.buf);
-            emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
-        }
-        syscall::READV | syscall::WRITEV => {
-            let source = Source::Iov(inflight.buf, inflight.count);
-            emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
-        }
-        syscall::RECVMSG | syscall::SENDMSG => {
-            let iov: u64 = read_user(inflight.buf + MSGHDR_IOV).unwrap_or(0);
-            let iovlen: u64 = read_user(inflight.buf + MSGHDR_IOVLEN).unwrap_or(0);
-            let source = Source::Iov(iov, iovlen);
-            emit_data(pid_tgid, &inflight, conn, dir, source, ret as u64, now);
-        }
-        syscall::SENDFILE => {
-            emit_data(
-                pid_tgid,
-                &inflight,
-                conn,
-                dir,
-                Source::None,
-                ret as u64,
-                now,
-            );
-        }
-        _ => exit_mmsg(pid_tgid, &inflight, conn, dir, ret, now),
+    if tls::ciphertext(pid_tgid, sk, conn, len) {
+        return 0;
     }
+    let (io, source) = followed.unwrap_or_else(|| {
+        let io = Io {
+            enter_ns,
+            fd: unsafe { (*conn).fd },
+            syscall: syscall::OTHER,
+        };
+        (io, Source::Skip)
+    });
+    emit_data(pid_tgid, &io, conn, dir, source, len, now);
     0
 }
 
-macro_rules! exit_programs {
-    ($($name:ident => $nr:expr),* $(,)?) => {$(
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            exit(&ctx, $nr)
-        }
-    )*};
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    sock_io(&ctx, direction::EGRESS)
 }
 
-exit_programs! {
-    sys_exit_read => nr::READ,
-    sys_exit_write => nr::WRITE,
-    sys_exit_readv => nr::READV,
-    sys_exit_writev => nr::WRITEV,
-    sys_exit_recvfrom => nr::RECVFROM,
-    sys_exit_sendto => nr::SENDTO,
-    sys_exit_recvmsg => nr::RECVMSG,
-    sys_exit_sendmsg => nr::SENDMSG,
-    sys_exit_recvmmsg => nr::RECVMMSG,
-    sys_exit_sendmmsg => nr::SENDMMSG,
-    sys_exit_sendfile64 => nr::SENDFILE,
-    sys_exit_connect => nr::CONNECT,
-    sys_exit_accept => nr::ACCEPT,
-    sys_exit_accept4 => nr::ACCEPT4,
-}
-
-/// *mmsg: `ret` counts messages; each has its own msghdr and byte count.
-#[inline(always)]
-fn exit_mmsg(
-    pid_tgid: u64,
-    inflight: &Inflight,
-    conn: *mut ConnState,
-    dir: u32,
-    ret: i64,
-    now: u64,
-) {
-    for i in 0..MAX_MMSG as u64 {
-        if i >= ret as u64 {
-            break;
-        }
-        let mmsg = inflight.buf + i * MMSGHDR_SIZE;
-        let len: u32 = read_user(mmsg + MMSGHDR_LEN).unwrap_or(0);
-        let iov: u64 = read_user(mmsg + MSGHDR_IOV).unwrap_or(0);
-        let iovlen: u64 = read_user(mmsg + MSGHDR_IOVLEN).unwrap_or(0);
-        let source = Source::Iov(iov, iovlen);
-        emit_data(pid_tgid, inflight, conn, dir, source, len as u64, now);
-    }
-    // Later messages are not captured, but their lengths keep the stream positions right.
-    for i in MAX_MMSG as u64..MMSG_SCAN {
-        if i >= ret as u64 {
-            break;
-        }
-        let len: u32 = read_user(inflight.buf + i * MMSGHDR_SIZE + MMSGHDR_LEN).unwrap_or(0);
-        unsafe { (*conn).pos[(dir & 1) as usize] += len as u64 };
-        count(counter::BYTES_NOT_CAPTURED, len as u64);
-    }
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    sock_io(&ctx, direction::INGRESS)
 }
 
 /// Does nothing. Benchmarks attach it to every tracepoint the real programs use, to measure

@@ -1,10 +1,10 @@
 //! TLS plaintext from OpenSSL's SSL_read/SSL_write (and their `_ex` variants), by uprobes.
 //!
 //! The socket of an SSL call is not among its arguments (an SSL* is opaque), so it is learnt
-//! from the read/write syscalls the call makes on the same thread: the entry uprobe saves the
-//! call in `SSL_CALLS` by pid_tgid, the syscall exit (`crate::exit_io`) finds it there, records
-//! the fd and keeps the ciphertext to itself, and `SSL_FDS` remembers SSL* -> fd for calls
-//! served from OpenSSL's buffer without a syscall. The return uprobe then emits the plaintext
+//! from the socket reads and writes the call makes on the same thread: the entry uprobe saves
+//! the call in `SSL_CALLS` by pid_tgid, the socket probe (`crate::sock_io`) finds it there,
+//! records the socket and keeps the ciphertext to itself, and `SSL_SOCKS` remembers
+//! SSL* -> socket for calls served from OpenSSL's buffer without a syscall. The return uprobe then emits the plaintext
 //! as DATA on that connection, in the same byte positions the agent's streams expect.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -12,17 +12,17 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{ConnKey, Inflight, counter, direction, syscall};
+use tracer_common::{counter, direction, syscall};
 
-use crate::{CONNS, ConnState, Source, count, emit_data, is_traced, read_user};
+use crate::{CONNS, ConnState, Io, Source, count, emit_data, is_traced, read_user};
 
-/// SSL_* calls in flight, by pid_tgid. Not LRU, like `INFLIGHT`: a failed insert is counted.
+/// SSL_* calls in flight, by pid_tgid. Not LRU: a failed insert is counted.
 #[map]
 static SSL_CALLS: HashMap<u64, SslCall> = HashMap::with_max_entries(16_384, 0);
 
-/// The fd under each SSL object, for calls that make no syscall (data already buffered).
+/// The socket under each SSL object, for calls that make no syscall (data already buffered).
 #[map]
-static SSL_FDS: LruHashMap<SslKey, i32> = LruHashMap::with_max_entries(65_536, 0);
+static SSL_SOCKS: LruHashMap<SslKey, u64> = LruHashMap::with_max_entries(65_536, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -32,10 +32,11 @@ pub struct SslCall {
     /// `size_t *written` / `*readbytes` of the `_ex` variants; 0 for SSL_read/SSL_write.
     len_ptr: u64,
     enter_ns: u64,
-    /// The socket a syscall inside this call used, or -1.
-    fd: i32,
+    /// The socket (sk pointer) a syscall inside this call used, or 0.
+    sk: u64,
     /// `syscall::SSL_READ` or `syscall::SSL_WRITE`.
     nr: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -61,8 +62,9 @@ fn enter(ctx: &ProbeContext, nr: u32, ex: bool) -> u32 {
             0
         },
         enter_ns: unsafe { bpf_ktime_get_ns() },
-        fd: -1,
+        sk: 0,
         nr,
+        _pad: 0,
     };
     if SSL_CALLS.insert(pid_tgid, call, 0).is_err() {
         count(counter::LOSS_TLS_CALL_MAP_FULL, 1);
@@ -117,44 +119,33 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
         tgid,
         _pad: 0,
     };
-    let fd = if call.fd >= 0 {
-        call.fd
+    let sk = if call.sk != 0 {
+        call.sk
     } else {
-        match unsafe { SSL_FDS.get(key) } {
-            Some(&fd) => fd,
+        match unsafe { SSL_SOCKS.get(key) } {
+            Some(&sk) => sk,
             None => return lost(len),
         }
     };
-    let Some(conn) = CONNS.get_ptr_mut(ConnKey { tgid, fd }) else {
+    let Some(conn) = CONNS.get_ptr_mut(sk) else {
         return lost(len);
     };
-    unsafe { (*conn).tls = 1 };
+    let fd = unsafe {
+        (*conn).tls = 1;
+        (*conn).fd
+    };
     let dir = if call.nr == syscall::SSL_READ {
         direction::INGRESS
     } else {
         direction::EGRESS
     };
-    let inflight = Inflight {
+    let io = Io {
         enter_ns: call.enter_ns,
-        buf: call.buf,
-        count: len,
-        sk: 0,
         fd,
         syscall: call.nr,
-        sk_family: 0,
-        sk_protocol: 0,
-        recv_flags: 0,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    emit_data(
-        pid_tgid,
-        &inflight,
-        conn,
-        dir,
-        Source::Buf(call.buf),
-        len,
-        now,
-    );
+    emit_data(pid_tgid, &io, conn, dir, Source::Buf(call.buf), len, now);
     0
 }
 
@@ -165,15 +156,15 @@ fn lost(len: u64) -> u32 {
     0
 }
 
-/// Called at the exit of every socket read/write of a traced process, on its connection:
-/// ties a syscall made inside an SSL_* call to that call, and says whether the bytes are
-/// ciphertext, to be kept from the agent (true) rather than emitted.
+/// Called for every socket read/write of a traced process, on its connection: ties a syscall
+/// made inside an SSL_* call to that call, and says whether the bytes are ciphertext, to be
+/// kept from the agent (true) rather than emitted.
 #[inline(always)]
-pub fn ciphertext(pid_tgid: u64, fd: i32, conn: *mut ConnState, len: u64) -> bool {
+pub fn ciphertext(pid_tgid: u64, sk: u64, conn: *mut ConnState, len: u64) -> bool {
     let conn = unsafe { &mut *conn };
     if let Some(call) = SSL_CALLS.get_ptr_mut(pid_tgid) {
         let ssl = unsafe {
-            (*call).fd = fd;
+            (*call).sk = sk;
             (*call).ssl
         };
         let key = SslKey {
@@ -181,7 +172,7 @@ pub fn ciphertext(pid_tgid: u64, fd: i32, conn: *mut ConnState, len: u64) -> boo
             tgid: (pid_tgid >> 32) as u32,
             _pad: 0,
         };
-        let _ = SSL_FDS.insert(key, fd, 0);
+        let _ = SSL_SOCKS.insert(key, sk, 0);
         conn.tls = 1;
     }
     if conn.tls == 0 {
