@@ -138,7 +138,7 @@ struct Scratch {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ConnState {
+struct ConnState {
     id: u64,
     /// Next byte position per direction (index: tracer_common::direction).
     pos: [u64; 2],
@@ -673,14 +673,14 @@ fn emit_close(conn: &ConnState) {
 }
 
 /// The connection on socket `sk`, created and announced at its first read or write, which
-/// `io` describes and whose bytes start at `first`.
+/// `io` describes and whose bytes are at `source`.
 #[inline(always)]
 fn conn_for(
     ctx: &TracePointContext,
     pid_tgid: u64,
     sk: u64,
     io: &Io,
-    first: u64,
+    source: Source,
 ) -> Option<*mut ConnState> {
     if let Some(conn) = CONNS.get_ptr_mut(sk) {
         return Some(conn);
@@ -690,7 +690,7 @@ fn conn_for(
         pos: [0, 0],
         tgid: (pid_tgid >> 32) as u32,
         fd: io.fd,
-        tls: tls::starts_tls(pid_tgid, first),
+        tls: tls::starts_tls(pid_tgid, first_byte(source)),
         _pad: 0,
     };
     if CONNS.insert(sk, state, 0).is_err() {
@@ -705,7 +705,7 @@ fn conn_for(
 
 /// Where a syscall's bytes are in user memory.
 #[derive(Clone, Copy)]
-pub enum Source {
+enum Source {
     /// One buffer.
     Buf(u64),
     /// An iovec array and its length.
@@ -914,17 +914,17 @@ fn emit_payload(scratch: *mut Scratch, source: Source, total: u64, limit: u64) -
 
 /// What `emit_data` needs of the call that moved the bytes.
 #[derive(Clone, Copy)]
-pub struct Io {
+struct Io {
     /// When it began (a send) or ended (a receive).
-    pub enter_ns: u64,
-    pub fd: i32,
+    enter_ns: u64,
+    fd: i32,
     /// A [`syscall`] value.
-    pub syscall: u32,
+    syscall: u32,
 }
 
 /// Emits the bytes of one syscall (or one round of a syscall that sends in rounds) on `conn`.
 #[inline(always)]
-pub fn emit_data(
+fn emit_data(
     pid_tgid: u64,
     io: &Io,
     conn: *mut ConnState,
@@ -1097,7 +1097,7 @@ fn sock_io(ctx: &TracePointContext, dir: u32) -> u32 {
     let len = ret as u64;
     let followed = followed_syscall(dir, enter_ns);
     let conn = match followed {
-        Some((io, source)) => conn_for(ctx, pid_tgid, sk, &io, first_byte(source)),
+        Some((io, source)) => conn_for(ctx, pid_tgid, sk, &io, source),
         None => {
             // Without a syscall's fd only a connection already known can take the bytes.
             count(counter::LOSS_UNFOLLOWED_SYSCALL, 1);
