@@ -1,6 +1,6 @@
 //! Where the running kernel's `struct sock` keeps a socket's addresses and ports, from its BTF.
 //!
-//! The exit probe reads the tuple of a socket it meets for the first time (a connection older
+//! The socket probe reads the tuple of a socket it meets for the first time (a connection older
 //! than the agent) straight from the socket. Rust BPF has no CO-RE field relocations, so the
 //! offsets are looked up here and handed to the probes as load-time globals. Without BTF the
 //! probes fall back to the `tcp:tcp_rcv_space_adjust` tracepoint, which costs every TCP

@@ -187,7 +187,8 @@ pub struct EventHeader {
     pub fd: i32,
     /// Connection id, unique for the life of the agent; 0 when not about a connection.
     pub conn_id: u64,
-    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event happened (syscall exit).
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the event happened (for data: when
+    /// the bytes had moved, just before the syscall returns).
     pub ts_ns: u64,
 }
 
@@ -196,7 +197,8 @@ pub struct EventHeader {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataEvent {
     pub header: EventHeader,
-    /// CLOCK_MONOTONIC nanoseconds at syscall entry.
+    /// CLOCK_MONOTONIC nanoseconds when the call began: a send's start (`tcp_sendmsg_locked`,
+    /// else `ts_ns`), an SSL_* call's entry; for a receive, `ts_ns`.
     pub enter_ns: u64,
     /// Position in this direction's byte stream of the syscall's first byte.
     pub syscall_pos: u64,

@@ -463,7 +463,7 @@ fn listen(ctx: &TracePointContext) -> u32 {
 }
 
 /// Receives on connections that predate the agent reveal their tuple here. Attached only when
-/// the kernel's BTF is missing: otherwise the exit probe reads the tuple from the socket.
+/// the kernel's BTF is missing: otherwise `emit_open` reads the tuple from the socket.
 #[tracepoint]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
