@@ -124,6 +124,13 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024, value_parser = parse_ring_size)]
     pub ring_buffer_bytes: u32,
 
+    /// Connections the kernel side follows at once (about 100 bytes of kernel memory each).
+    /// Beyond it a new connection is not captured, and its reads and writes are counted
+    /// (tracer_kernel_lost_events_total{reason="conn_map_full"}, tracer_bytes_not_captured_total).
+    #[arg(long, value_name = "N", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
+    pub max_connections: u32,
+
     /// Out-of-order bytes held per connection direction while waiting for a hole to fill.
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
     pub max_pending_per_direction: usize,

@@ -188,6 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         watch: selection.watch(),
         capture_limit: cli.capture_limit,
         ring_buffer_bytes: cli.ring_buffer_bytes,
+        max_connections: cli.max_connections,
         floor: cli.probe_floor,
     })?;
     let mut selector = selection.start(&mut probes);

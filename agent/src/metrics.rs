@@ -268,7 +268,7 @@ pub struct Metrics {
     pub events_received: Counter,
     /// `tracer_bytes_captured_total`: payload bytes the kernel captured.
     pub bytes_captured: Counter,
-    /// `tracer_bytes_not_captured_total`: socket bytes moved but not captured (capture limit).
+    /// `tracer_bytes_not_captured_total`: socket bytes moved but not captured.
     pub bytes_not_captured: Counter,
     /// `tracer_connections_tracked`.
     pub connections_tracked: CountGauge,
@@ -361,7 +361,8 @@ impl Metrics {
         let bytes_not_captured = Counter::default();
         registry.register(
             "bytes_not_captured",
-            "Socket payload bytes sent or received but not captured because of the capture limit",
+            "Socket payload bytes sent or received but not captured: beyond the capture limit, \
+             in an unfollowed syscall, or on a connection beyond --max-connections",
             bytes_not_captured.clone(),
         );
 
@@ -371,8 +372,8 @@ impl Metrics {
             "Events the kernel probes dropped, by reason (ringbuf_full: ring buffer full; \
              copy_failed: reading user memory failed; unfollowed_syscall: a socket read or write \
              made by a syscall whose buffers the probes do not know (splice, io_uring, a 32-bit \
-             process), its bytes a gap counted in bytes_not_captured; conn_map_full: the connection map was full so a \
-             connection went untracked)",
+             process), its bytes a gap counted in bytes_not_captured; conn_map_full: a read or write on a \
+             connection beyond --max-connections, its bytes counted in bytes_not_captured)",
             kernel_lost_events.clone(),
         );
         let kernel_lost_bytes = precreated([KernelLoss::RingbufFull]);

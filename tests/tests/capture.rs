@@ -904,3 +904,109 @@ say("done")
         &[&b"head "[..], &body, b"tail"].concat(),
     );
 }
+
+/// The kernel follows at most `--max-connections` connections. Beyond that a connection's
+/// reads and writes are counted, byte for byte, instead of captured; a connection the kernel
+/// frees makes room again, so later connections are followed (no entry leaks).
+#[test]
+fn connections_beyond_max_connections_are_counted_and_closed_ones_make_room() {
+    const PAIRS: &str = r#"
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(64)
+def exchange(first, count):
+    pairs = []
+    for i in range(first, first + count):
+        c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        msg = b"pair %02d " % i * 16
+        c.sendall(msg)
+        recv_exact(s, len(msg))
+        pairs.append((c, s))
+        say("port", c.getsockname()[1])
+    return pairs
+wait()
+pairs = exchange(0, 12)
+say("filled")
+wait()
+for c, s in pairs:
+    c.close(); s.close()
+say("closed")
+wait()
+later = exchange(12, 4)
+say("again")
+wait()
+say("done")
+"#;
+    // Each pair is two connections: the client socket's write and the accepted one's read.
+    // Eight entries take the first four pairs; the next eight pairs do not fit.
+    const MSG_LEN: f64 = 128.0;
+    let msg = |i: usize| format!("pair {i:02} ").repeat(16).into_bytes();
+    let mut peer = Peer::python("pairs", PAIRS, &[]);
+    let pid = peer.pid();
+    let mut agent = Agent::start(&["--pid", &pid.to_string(), "--max-connections", "8"]);
+    let full = r#"tracer_kernel_lost_events_total{reason="conn_map_full"}"#;
+    let not_captured = "tracer_bytes_not_captured_total";
+    let (full_before, bytes_before) = (agent.metric(full), agent.metric(not_captured));
+    let mut ports = Vec::new();
+    peer.send("go");
+    for _ in 0..12 {
+        ports.push(peer.expect_num::<u16>("port"));
+    }
+    peer.expect("filled");
+    let lost_bytes = 8.0 * 2.0 * MSG_LEN;
+    assert!(
+        tracer_e2e::wait_until(STEP_TIMEOUT, || {
+            agent.metric(not_captured) - bytes_before >= lost_bytes
+        }),
+        "the connections beyond the limit were not counted: {} bytes",
+        agent.metric(not_captured) - bytes_before
+    );
+    let full_after = agent.metric(full);
+    assert!(
+        full_after - full_before >= 16.0,
+        "one count per read or write refused, 16 at least: {}",
+        full_after - full_before
+    );
+
+    peer.send("go");
+    peer.expect("closed");
+    assert!(
+        tracer_e2e::wait_until(STEP_TIMEOUT, || {
+            agent.metric("tracer_connections_tracked") == 0.0
+        }),
+        "the closed connections did not end"
+    );
+    peer.send("go");
+    for _ in 0..4 {
+        ports.push(peer.expect_num::<u16>("port"));
+    }
+    peer.expect("again");
+    peer.send("go");
+    peer.expect("done");
+    peer.finish();
+    // Settled: the counts are exact, and the later pairs fit where the closed ones were.
+    assert_eq!(agent.metric(not_captured) - bytes_before, lost_bytes);
+    assert_eq!(agent.metric(full), full_after);
+    agent.stop_ok();
+    let events = agent.events();
+    for (i, &port) in ports.iter().enumerate() {
+        let of_port = |o: &tracer_e2e::Open| o.local_addr().is_some_and(|a| a.port() == port);
+        let to_port = |o: &tracer_e2e::Open| o.remote_addr().is_some_and(|a| a.port() == port);
+        if (4..12).contains(&i) {
+            assert!(
+                !events
+                    .opens_of(pid)
+                    .into_iter()
+                    .any(|o| of_port(o) || to_port(o)),
+                "pair {i} is beyond the limit, yet followed\n{}",
+                events.lines_of_pid(pid)
+            );
+            continue;
+        }
+        let client = events.conn_of(pid, &format!("pair {i}'s client"), of_port);
+        assert_stream(&events, client.conn, "write", &msg(i));
+        let server = events.conn_of(pid, &format!("pair {i}'s server"), to_port);
+        assert_stream(&events, server.conn, "read", &msg(i));
+    }
+}

@@ -45,6 +45,8 @@ pub struct ProbeConfig {
     pub watch: Watch,
     pub capture_limit: u32,
     pub ring_buffer_bytes: u32,
+    /// Entries of the kernel's connection map (`CONNS`).
+    pub max_connections: u32,
     /// Attach the do-nothing `floor` program in place of every real one (benchmarks).
     pub floor: bool,
 }
@@ -236,6 +238,7 @@ pub fn load(config: &ProbeConfig) -> Result<Probes, CaptureError> {
             true,
         )
         .map_max_entries("EVENTS", config.ring_buffer_bytes)
+        .map_max_entries("CONNS", config.max_connections)
         .load(PROBES)
         .map_err(|source| CaptureError::Load {
             hint: load_hint(&source),

@@ -13,7 +13,7 @@
 //!   `tcp:tcp_sendmsg_locked` says when a send began.
 //!
 //! Connections are keyed by socket (`CONNS`): first seen at their first read or write, ended
-//! when TCP moves the socket to CLOSE. Tuples and roles come from `sock:inet_sock_set_state`,
+//! when the kernel frees the socket (`tcp:tcp_destroy_sock`). Tuples and roles come from `sock:inet_sock_set_state`,
 //! keyed by sk pointer; a socket older than the agent is read directly (`SOCK_LAYOUT`, or
 //! without BTF `tcp:tcp_rcv_space_adjust`).
 //! Entry points are thin; each losing path increments a `COUNTERS` slot.
@@ -41,7 +41,7 @@ use aya_ebpf::{
         },
     },
     macros::{map, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
@@ -100,10 +100,12 @@ static TRACED: Array<TracedSet> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
-/// Tracked connections by socket (sk pointer). LRU so sockets whose close was never seen
-/// cannot fill it.
+/// Tracked connections by socket (sk pointer); the agent sets the size (`--max-connections`).
+/// Not LRU: an eviction would end a connection without a CLOSE and restart it mid-stream,
+/// unseen. Every TCP socket is destroyed through `tcp_destroy_sock`, which removes its entry,
+/// so nothing leaks; a full map refuses new connections and counts them (conn_map_full).
 #[map]
-static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65_536, 0);
+static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65_536, 0);
 
 /// Tuple and role of TCP sockets by sk pointer, host-wide.
 #[map]
@@ -143,7 +145,7 @@ struct ConnState {
     /// Next byte position per direction (index: tracer_common::direction).
     pos: [u64; 2],
     /// The process and fd that first moved bytes on it: its CLOSE, sent from whatever context
-    /// TCP closes the socket in, names them.
+    /// TCP destroys the socket in, names them.
     tgid: u32,
     fd: i32,
     /// 1 once the connection is known to carry TLS (see `tls`): its syscalls' bytes are
@@ -167,7 +169,6 @@ const MSG_PEEK: u32 = 2;
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
-const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -393,14 +394,6 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if new == TCP_LISTEN {
         return listen(&ctx);
     }
-    if new == TCP_CLOSE {
-        // Both sides closed, a reset, or a connect that failed: the socket is done.
-        if let Some(conn) = unsafe { CONNS.get(sk) } {
-            emit_close(conn);
-            let _ = CONNS.remove(sk);
-        }
-        return 0;
-    }
     // SYN_SENT fires before connect() picks the source port; SYN_SENT -> ESTABLISHED
     // refreshes the tuple with it.
     let role = match (old, new) {
@@ -420,6 +413,21 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         },
         0,
     );
+    0
+}
+
+/// The socket is freed: no read or write can follow, so its connection ends here. Not at the
+/// move to TCP_CLOSE, which a socket still open in its process can outlive: after
+/// shutdown(SHUT_WR) the peer's FIN closes it while the response waits unread.
+#[tracepoint]
+pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    let sk: u64 = read(&ctx, 8);
+    if let Some(conn) = unsafe { CONNS.get(sk) } {
+        emit_close(conn);
+        let _ = CONNS.remove(sk);
+    }
+    // The next socket at this address is another one.
+    let _ = SOCKS.remove(sk);
     0
 }
 
