@@ -1010,3 +1010,67 @@ say("done")
         assert_stream(&events, server.conn, "read", &msg(i));
     }
 }
+
+/// A half-closed client (`shutdown(SHUT_WR)`) that reads the response only after the server
+/// has closed: TCP has closed its socket by then (FIN both ways), yet the read still belongs
+/// to the same connection, which ends when the socket is freed.
+#[test]
+fn a_response_read_after_both_fins_stays_on_its_connection() {
+    const HALF_CLOSE: &str = r#"
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+c = socket.create_connection(ls.getsockname())
+s, _ = ls.accept()
+wait()
+c.sendall(b"question")
+c.shutdown(socket.SHUT_WR)
+got = b""
+while True:
+    chunk = s.recv(100)
+    if not chunk:
+        break
+    got += chunk
+s.sendall(b"answer after " + got)
+s.close()
+time.sleep(0.2)
+say("server closed")
+wait()
+reply = b""
+while True:
+    chunk = c.recv(100)
+    if not chunk:
+        break
+    reply += chunk
+say("reply", reply.decode())
+c.close()
+say("done")
+"#;
+    let mut peer = Peer::python("half-close", HALF_CLOSE, &[]);
+    let pid = peer.pid();
+    let mut agent = Agent::start(&["--pid", &pid.to_string()]);
+    peer.send("go");
+    peer.expect("server closed");
+    peer.send("go");
+    assert_eq!(peer.expect("reply"), "answer after question");
+    peer.expect("done");
+    peer.finish();
+    assert!(
+        tracer_e2e::wait_until(STEP_TIMEOUT, || {
+            agent.metric("tracer_connections_tracked") == 0.0
+        }),
+        "the connections did not end"
+    );
+    agent.stop_ok();
+    let events = agent.events();
+    let client = events.conn_of(pid, "the half-closed client", |o| o.role == "client");
+    assert_stream(&events, client.conn, "write", b"question");
+    assert_stream(&events, client.conn, "read", b"answer after question");
+    let server = events.conn_of(pid, "the accepted socket", |o| o.role == "server");
+    assert_stream(&events, server.conn, "read", b"question");
+    assert!(
+        events.close_of(client.conn).is_some(),
+        "{}",
+        events.lines_of(client.conn)
+    );
+}
