@@ -1074,3 +1074,60 @@ say("done")
         events.lines_of(client.conn)
     );
 }
+
+/// A socket disconnected with connect(AF_UNSPEC) and connected again is two connections: the
+/// second does not continue the first's byte positions or take its tuple.
+#[test]
+fn a_socket_that_connects_again_starts_a_new_connection() {
+    const RECONNECT: &str = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+one = socket.socket(); one.bind(("127.0.0.1", 0)); one.listen(1)
+two = socket.socket(); two.bind(("127.0.0.1", 0)); two.listen(1)
+c = socket.socket()
+wait()
+c.connect(one.getsockname())
+s1, _ = one.accept()
+c.sendall(b"to the first")
+recv_exact(s1, 12)
+unspec = (ctypes.c_ubyte * 16)()
+if libc.connect(c.fileno(), unspec, 16) != 0:
+    raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+c.connect(two.getsockname())
+s2, _ = two.accept()
+c.sendall(b"to the second")
+recv_exact(s2, 13)
+say("ports", one.getsockname()[1], two.getsockname()[1])
+wait()
+c.close(); s1.close(); s2.close()
+say("done")
+"#;
+    let mut peer = Peer::python("reconnect", RECONNECT, &[]);
+    let pid = peer.pid();
+    let mut agent = Agent::start(&["--pid", &pid.to_string()]);
+    peer.send("go");
+    let ports: Vec<u16> = peer
+        .expect("ports")
+        .split_whitespace()
+        .map(|p| p.parse().expect("a port"))
+        .collect();
+    peer.send("go");
+    peer.expect("done");
+    peer.finish();
+    agent.stop_ok();
+    let events = agent.events();
+    let to = |port: u16| {
+        move |o: &tracer_e2e::Open| {
+            o.role == "client" && o.remote_addr().is_some_and(|a| a.port() == port)
+        }
+    };
+    let first = events.conn_of(pid, "the first connection", to(ports[0]));
+    let second = events.conn_of(pid, "the second connection", to(ports[1]));
+    assert_stream(&events, first.conn, "write", b"to the first");
+    assert_stream(&events, second.conn, "write", b"to the second");
+    assert!(
+        events.close_of(first.conn).is_some(),
+        "the first connection ended\n{}",
+        events.lines_of(first.conn)
+    );
+}

@@ -13,9 +13,9 @@
 //!   `tcp:tcp_sendmsg_locked` says when a send began.
 //!
 //! Connections are keyed by socket (`CONNS`): first seen at their first read or write, ended
-//! when the kernel frees the socket (`tcp:tcp_destroy_sock`). Tuples and roles come from `sock:inet_sock_set_state`,
-//! keyed by sk pointer; a socket older than the agent is read directly (`SOCK_LAYOUT`, or
-//! without BTF `tcp:tcp_rcv_space_adjust`).
+//! when the kernel frees the socket (`tcp:tcp_destroy_sock`). Tuples and roles come from
+//! `sock:inet_sock_set_state`, keyed by sk pointer; a socket older than the agent is read
+//! directly (`SOCK_LAYOUT`, or without BTF `tcp:tcp_rcv_space_adjust`).
 //! Entry points are thin; each losing path increments a `COUNTERS` slot.
 //!
 //! Which processes are traced is one byte per pid in `TRACED` (states in
@@ -393,6 +393,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let new: i32 = read(&ctx, 20);
     if new == TCP_LISTEN {
         return listen(&ctx);
+    }
+    if new == TCP_SYN_SENT && let Some(conn) = unsafe { CONNS.get(sk) } {
+        // The socket connects again (after connect(AF_UNSPEC)): its old connection is over.
+        emit_close(conn);
+        let _ = CONNS.remove(sk);
     }
     // SYN_SENT fires before connect() picks the source port; SYN_SENT -> ESTABLISHED
     // refreshes the tuple with it.
