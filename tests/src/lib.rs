@@ -937,8 +937,9 @@ pub fn python() -> &'static Path {
 }
 
 /// Prepended to every python peer script: `say` prints a line for the test at once, `wait`
-/// blocks until the test sends a line (and exits quietly if the test is gone), `recv_exact`
-/// reads a known number of bytes.
+/// blocks until the test sends a line (and exits quietly if the test is gone), `listener` and
+/// `loopback_pair` make a listening socket on 127.0.0.1 and a connected pair through it,
+/// `recv_exact` reads a known number of bytes.
 pub const PY_PRELUDE: &str = r#"
 import os, socket, sys, time
 def say(*words):
@@ -948,6 +949,15 @@ def wait():
     if not line:
         os._exit(0)
     return line.strip()
+def listener(backlog=1):
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(backlog)
+    return ls
+def loopback_pair(ls):
+    c = socket.create_connection(ls.getsockname())
+    s, _ = ls.accept()
+    return c, s
 def recv_exact(sock, n):
     buf = b""
     while len(buf) < n:

@@ -56,12 +56,9 @@ fn ring_buffer_loss_is_counted_and_the_agent_keeps_going() {
     const SCRIPT: &str = r#"
 import threading
 n, size = int(sys.argv[1]), int(sys.argv[2])
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(2)
+ls = listener(2)
 wait()
-c = socket.create_connection(ls.getsockname())
-s, _ = ls.accept()
+c, s = loopback_pair(ls)
 def drain():
     left = n * size
     while left > 0:
@@ -141,12 +138,9 @@ wait()
 #[test]
 fn all_traces_unnamed_processes_but_not_the_agent_itself() {
     const SCRIPT: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
+ls = listener()
 wait()
-c = socket.create_connection(ls.getsockname())
-s, _ = ls.accept()
+c, s = loopback_pair(ls)
 c.sendall(b"seen without --pid")
 assert recv_exact(s, 18) == b"seen without --pid"
 s.sendall(b"reply \x00\xff")

@@ -466,9 +466,7 @@ fn keep_alive_exchange(hold_open: bool, family: &str) {
 fn forked_child_of_traced_server_is_traced() {
     // The parent accepts, the child (forked after the agent started) serves the connection.
     const FORKING_SERVER: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(4)
+ls = listener(4)
 say("port", ls.getsockname()[1])
 conn, peer = ls.accept()
 child = os.fork()
@@ -623,9 +621,7 @@ fn one_mebibyte_write_is_reported_whole_and_truncated() {
     const LIMIT: u64 = 16384; // the default --capture-limit
     const RECEIVER: &str = r#"
 size = int(sys.argv[1])
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
+ls = listener()
 say("port", ls.getsockname()[1])
 wait()
 conn, _ = ls.accept()
@@ -762,11 +758,8 @@ def files_and_pipes():
     a.close(); b.close()
 wait()
 files_and_pipes()
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
-c = socket.create_connection(ls.getsockname())
-s, _ = ls.accept()
+ls = listener()
+c, s = loopback_pair(ls)
 c.sendall(b"tcp request")
 assert recv_exact(s, 11) == b"tcp request"
 s.sendall(b"tcp reply")
@@ -832,11 +825,8 @@ say("done")
 #[test]
 fn spliced_bytes_are_a_counted_gap_and_later_writes_keep_their_place() {
     const SPLICER: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
-c = socket.create_connection(ls.getsockname())
-s, _ = ls.accept()
+ls = listener()
+c, s = loopback_pair(ls)
 wait()
 body = b"spliced body " * 10
 c.sendall(b"head ")
@@ -911,14 +901,11 @@ say("done")
 #[test]
 fn connections_beyond_max_connections_are_counted_and_closed_ones_make_room() {
     const PAIRS: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(64)
+ls = listener(64)
 def exchange(first, count):
     pairs = []
     for i in range(first, first + count):
-        c = socket.create_connection(ls.getsockname())
-        s, _ = ls.accept()
+        c, s = loopback_pair(ls)
         msg = b"pair %02d " % i * 16
         c.sendall(msg)
         recv_exact(s, len(msg))
@@ -1017,11 +1004,8 @@ say("done")
 #[test]
 fn a_response_read_after_both_fins_stays_on_its_connection() {
     const HALF_CLOSE: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
-c = socket.create_connection(ls.getsockname())
-s, _ = ls.accept()
+ls = listener()
+c, s = loopback_pair(ls)
 wait()
 c.sendall(b"question")
 c.shutdown(socket.SHUT_WR)

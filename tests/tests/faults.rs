@@ -451,9 +451,7 @@ fn slow_collector_does_not_slow_the_traced_server_and_gets_every_span() {
 #[test]
 fn traced_server_killed_mid_request_gives_an_error_span_and_releases_its_state() {
     const SERVER: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(8)
+ls = listener(8)
 say("port", ls.getsockname()[1])
 conn, _ = ls.accept()
 data = b""
@@ -618,9 +616,7 @@ def serve(c):
             _, buf = buf.split(b"\r\n\r\n", 1)
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
     c.close()
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(16)
+ls = listener(16)
 say("port", ls.getsockname()[1])
 while True:
     c, _ = ls.accept()

@@ -418,9 +418,7 @@ fn port_selects_listeners_old_and_new() {
 #[test]
 fn exited_process_state_is_released() {
     const HOLDER: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
+ls = listener()
 say("port", ls.getsockname()[1])
 c, _ = ls.accept()
 assert recv_exact(c, 4) == b"ping"

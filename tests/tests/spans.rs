@@ -1323,9 +1323,7 @@ fn invalid_traceparent_starts_a_new_trace_and_is_counted() {
 #[test]
 fn non_http_traffic_gives_no_span() {
     const REDIS_SERVER: &str = r#"
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
+ls = listener()
 say("port", ls.getsockname()[1])
 conn, _ = ls.accept()
 for _ in range(3):
