@@ -381,7 +381,7 @@ impl<W: Write> Pipeline<W> {
                 metrics.observe_total(&metrics.parse_errors("tracecontext", reason), *total);
             }
             for method in LinkMethod::ALL {
-                let total = link.links.get(&method).copied().unwrap_or(0);
+                let total = link.links(method);
                 metrics.observe_total(&metrics.span_links(method.as_str()), total);
             }
             metrics.observe_total(
