@@ -508,8 +508,38 @@ fn put_trace_state(out: &mut Vec<u8>, key: u8, state: &TraceState) {
 /// A `KeyValue` message as field `field`.
 fn put_key_value(out: &mut Vec<u8>, field: u8, key: &str, value: &Value) {
     let value_size = any_value_size(value);
+    let size = str_field(key) + len_field(value_size);
+    // Nearly every attribute is shorter than 128 bytes, so every length inside it is one byte:
+    // its framing goes out in two or three writes of fixed bytes instead of a push per byte
+    // and a varint loop per length (this was most of the encoder's instructions).
+    if size < 0x80 && !key.is_empty() {
+        out.reserve(2 + size);
+        out.extend_from_slice(&[field, size as u8, key::KV_KEY, key.len() as u8]);
+        out.extend_from_slice(key.as_bytes());
+        match value {
+            Value::String(text) => {
+                let text = text.as_str();
+                out.extend_from_slice(&[
+                    key::KV_VALUE,
+                    value_size as u8,
+                    key::ANY_STRING,
+                    text.len() as u8,
+                ]);
+                out.extend_from_slice(text.as_bytes());
+            }
+            Value::I64(number) => {
+                out.extend_from_slice(&[key::KV_VALUE, value_size as u8, key::ANY_INT]);
+                put_varint(out, *number as u64);
+            }
+            other => {
+                out.extend_from_slice(&[key::KV_VALUE, value_size as u8]);
+                put_any_value(out, other);
+            }
+        }
+        return;
+    }
     out.push(field);
-    put_varint(out, (str_field(key) + len_field(value_size)) as u64);
+    put_varint(out, size as u64);
     put_str(out, key::KV_KEY, key);
     out.push(key::KV_VALUE);
     put_varint(out, value_size as u64);
@@ -689,6 +719,8 @@ fn flags(trace_flags: u8, remote: bool) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry::StringValue;
+
     use super::*;
 
     #[test]
@@ -707,6 +739,42 @@ mod tests {
             let mut out = Vec::new();
             put_varint(&mut out, value);
             assert_eq!(out.len(), varint_len(value), "{value}");
+        }
+    }
+
+    /// Attributes whose message is just below, at and above 128 bytes (one-byte lengths or not)
+    /// are the bytes prost writes for opentelemetry-proto's `KeyValue`.
+    #[test]
+    fn attributes_around_one_byte_lengths_encode_like_prost() {
+        use opentelemetry_proto::tonic::common::v1 as proto;
+        use prost::Message as _;
+
+        for key_len in [0, 1, 30, 126, 127, 128, 200] {
+            for value_len in (0..8).chain(90..140) {
+                let name = "k".repeat(key_len);
+                let values = [
+                    Value::from("v".repeat(value_len)),
+                    Value::I64(-(value_len as i64)),
+                    Value::I64(value_len as i64 * 1_000_000_007),
+                    Value::Bool(value_len % 2 == 0),
+                    Value::F64(value_len as f64),
+                    Value::Array(Array::String(vec![StringValue::from(
+                        "a".repeat(value_len),
+                    )])),
+                ];
+                for value in values {
+                    let mut ours = Vec::new();
+                    put_key_value(&mut ours, key::SPAN_ATTRIBUTES, &name, &value);
+                    let message = proto::KeyValue {
+                        key: name.clone(),
+                        value: Some(proto::AnyValue::from(value.clone())),
+                        ..Default::default()
+                    };
+                    let mut prost = vec![key::SPAN_ATTRIBUTES];
+                    message.encode_length_delimited(&mut prost).unwrap();
+                    assert_eq!(ours, prost, "key {key_len} bytes, value {value:?}");
+                }
+            }
         }
     }
 
