@@ -105,7 +105,12 @@ pub fn redact_query(query: &str) -> Cow<'_, str> {
 /// every index found is a char boundary.
 fn split_target(target: &str) -> (&str, Option<&str>) {
     let bytes = target.as_bytes();
-    let scheme_end = memchr::memchr_iter(b':', bytes).find(|&i| bytes[i + 1..].starts_with(b"//"));
+    // Origin-form starts with `/` (RFC 9112 §3.2.1); only other targets can have a scheme, so
+    // a URL in the query (`/login?next=http://x/y`) stays in the query.
+    let scheme_end = match bytes.first() {
+        Some(b'/') => None,
+        _ => memchr::memchr_iter(b':', bytes).find(|&i| bytes[i + 1..].starts_with(b"//")),
+    };
     let path_and_query = match scheme_end {
         Some(i) => {
             let rest = &target[i + 3..];
@@ -627,7 +632,12 @@ mod tests {
         }
 
         pub fn split_target(target: &str) -> (&str, Option<&str>) {
-            let path_and_query = match target.find("://") {
+            let scheme_end = if target.starts_with('/') {
+                None
+            } else {
+                target.find("://")
+            };
+            let path_and_query = match scheme_end {
                 Some(i) => {
                     let rest = &target[i + 3..];
                     rest.find('/').map_or("/", |j| &rest[j..])
@@ -694,6 +704,11 @@ mod tests {
         assert_eq!(split_target("http://h:1/p?q"), ("/p", Some("q")));
         assert_eq!(split_target("http://h"), ("/", None));
         assert_eq!(split_target("*"), ("*", None));
+        // A URL inside an origin-form target's query is not its scheme.
+        assert_eq!(
+            split_target("/redirect?to=http://x/y#z"),
+            ("/redirect", Some("to=http://x/y"))
+        );
     }
 
     #[test]
