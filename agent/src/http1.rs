@@ -17,7 +17,7 @@
 //! It does not own protocol detection policy (beyond the cheap [`detect`]), connection
 //! lifecycle (the caller calls [`Http1Connection::close`]) or export.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, mem::MaybeUninit};
 
 use bytes::{Bytes, BytesMut};
 
@@ -1479,26 +1479,26 @@ fn parse_head(block: &Bytes, kind: Start) -> Result<Head, Http1Error> {
         Start::Request => Http1Error::MalformedRequest,
         Start::Response => Http1Error::MalformedResponse,
     };
-    let unfolded = unfold(block, true);
-    let block = unfolded.as_ref().unwrap_or(block);
-    let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    let first = parse_head_with(block, kind, &mut slots);
-    let result = match first {
-        Err(ParseFail::TooManyHeaders) => {
-            // Rare: size the array by the line count, which bounds the header count.
-            let lines = block.iter().filter(|&&b| b == b'\n').count();
-            let mut slots = vec![httparse::EMPTY_HEADER; lines];
-            parse_head_with(block, kind, &mut slots)
+    parse_unfolded(block, true, |block| {
+        // Uninitialised: filling 64 slots cost more than parsing a typical head.
+        let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+        match parse_head_with(block, kind, &mut slots) {
+            Err(ParseFail::TooManyHeaders) => {
+                // Rare: size the array by the line count, which bounds the header count.
+                let lines = block.iter().filter(|&&b| b == b'\n').count();
+                let mut slots = Vec::with_capacity(lines);
+                parse_head_with(block, kind, slots.spare_capacity_mut()).ok()
+            }
+            other => other.ok(),
         }
-        other => other,
-    };
-    result.map_err(|_| malformed)
+    })
+    .ok_or(malformed)
 }
 
 fn parse_head_with<'b>(
     block: &'b Bytes,
     kind: Start,
-    slots: &mut [httparse::Header<'b>],
+    slots: &mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Head, ParseFail> {
     let classify_err = |e| match e {
         httparse::Error::TooManyHeaders => ParseFail::TooManyHeaders,
@@ -1506,8 +1506,8 @@ fn parse_head_with<'b>(
     };
     match kind {
         Start::Request => {
-            let mut req = httparse::Request::new(slots);
-            match req.parse(block) {
+            let mut req = httparse::Request::new(&mut []);
+            match req.parse_with_uninit_headers(block, slots) {
                 Ok(httparse::Status::Complete(_)) => {}
                 Ok(httparse::Status::Partial) => return Err(ParseFail::Malformed),
                 Err(e) => return Err(classify_err(e)),
@@ -1520,8 +1520,10 @@ fn parse_head_with<'b>(
             })
         }
         Start::Response => {
-            let mut resp = httparse::Response::new(slots);
-            match resp.parse(block) {
+            let mut resp = httparse::Response::new(&mut []);
+            // The default configuration, as `Response::parse` uses.
+            let config = httparse::ParserConfig::default();
+            match config.parse_response_with_uninit_headers(&mut resp, block, slots) {
                 Ok(httparse::Status::Complete(_)) => {}
                 Ok(httparse::Status::Partial) => return Err(ParseFail::Malformed),
                 Err(e) => return Err(classify_err(e)),
@@ -1538,21 +1540,34 @@ fn parse_head_with<'b>(
 
 /// Parses a trailer section (field lines and the final empty line).
 fn parse_fields(block: &Bytes) -> Option<Vec<Field>> {
-    let unfolded = unfold(block, false);
-    let block = unfolded.as_ref().unwrap_or(block);
-    let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    match httparse::parse_headers(block, &mut slots) {
-        Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
-        Err(httparse::Error::TooManyHeaders) => {
-            let lines = block.iter().filter(|&&b| b == b'\n').count();
-            let mut slots = vec![httparse::EMPTY_HEADER; lines];
-            match httparse::parse_headers(block, &mut slots) {
-                Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
-                _ => None,
+    parse_unfolded(block, false, |block| {
+        let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        match httparse::parse_headers(block, &mut slots) {
+            Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
+            Err(httparse::Error::TooManyHeaders) => {
+                let lines = block.iter().filter(|&&b| b == b'\n').count();
+                let mut slots = vec![httparse::EMPTY_HEADER; lines];
+                match httparse::parse_headers(block, &mut slots) {
+                    Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
+                    _ => None,
+                }
             }
+            _ => None,
         }
-        _ => None,
-    }
+    })
+}
+
+/// `parse(block)`, or if that fails and the block has obs-folds, `parse` of it unfolded.
+///
+/// httparse rejects a field line that starts with SP or HT, so a block it accepts has no fold:
+/// looking for folds only after a failure spares a pass over every section, with the same
+/// result as unfolding first.
+fn parse_unfolded<T>(
+    block: &Bytes,
+    skip_first_line: bool,
+    parse: impl Fn(&Bytes) -> Option<T>,
+) -> Option<T> {
+    parse(block).or_else(|| parse(&unfold(block, skip_first_line)?))
 }
 
 /// Names are copied (they are short); values share the header block's buffer.
@@ -1564,12 +1579,12 @@ fn own_fields(block: &Bytes, fields: &[httparse::Header<'_>]) -> Vec<Field> {
 }
 
 /// Replaces each obs-fold (a line break followed by SP/HT, RFC 9112 §5.2) and the whitespace
-/// around it with one SP, so httparse (which rejects folds in requests) sees one value.
+/// around it with one SP, so httparse (which rejects folds) sees one value.
 ///
 /// `skip_first_line` leaves the start line alone: whitespace right after it is not a fold but
 /// an invalid message (RFC 9112 §2.2), which the parser then rejects.
 ///
-/// None when there is no fold (nearly always): the block is parsed as it is.
+/// None when there is no fold.
 fn unfold(block: &Bytes, skip_first_line: bool) -> Option<Bytes> {
     let from = if skip_first_line {
         memchr::memchr(b'\n', block)? + 1
@@ -2441,6 +2456,59 @@ mod tests {
                     1,
                     &[("X-Folded", "a b c"), ("Content-Length", "0")],
                 ),
+            )),
+        )];
+        check(c);
+    }
+
+    #[test]
+    fn sections_with_more_fields_than_stack_slots_and_folds_parse_whole() {
+        // Past the stack's header slots, with a fold at the end of each section: the fold
+        // fails the first parse, and the larger retry must see it unfolded too.
+        let many: Vec<(String, String)> = (0..STACK_HEADERS + 6)
+            .map(|i| (format!("X-F{i}"), i.to_string()))
+            .collect();
+        let lines: String = many.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+        let post = format!(
+            "POST /many HTTP/1.1\r\n{lines}Transfer-Encoding: chunked\r\nX-Last: a\r\n b\r\n\r\n"
+        );
+        let body = format!("1\r\nx\r\n0\r\n{lines}X-Sum: c\r\n\td\r\n\r\n");
+        let ok = format!("HTTP/1.1 204 No Content\r\n{lines}X-Last: e\r\n  f\r\n\r\n");
+        let mut c = case(
+            "many fields and folds",
+            Side::Client,
+            Script::new()
+                .io(E, 1, 10, 20, &cat(&[&post, &body]))
+                .io(I, 1, 30, 40, ok.as_bytes()),
+        );
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut list: Vec<(&str, &str)> =
+                many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            list.extend_from_slice(extra);
+            list
+        };
+        c.want = vec![ex(
+            req(
+                "POST",
+                "/many",
+                1,
+                Message {
+                    body_bytes: 1,
+                    trailers: fields(&with(&[("X-Sum", "c d")])),
+                    ..msg(
+                        &post,
+                        10,
+                        20,
+                        1,
+                        &with(&[("Transfer-Encoding", "chunked"), ("X-Last", "a b")]),
+                    )
+                },
+            ),
+            Some(resp(
+                204,
+                "No Content",
+                1,
+                msg(&ok, 40, 40, 1, &with(&[("X-Last", "e f")])),
             )),
         )];
         check(c);
