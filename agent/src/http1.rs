@@ -17,7 +17,7 @@
 //! It does not own protocol detection policy (beyond the cheap [`detect`]), connection
 //! lifecycle (the caller calls [`Http1Connection::close`]) or export.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, mem::MaybeUninit};
 
 use bytes::{Bytes, BytesMut};
 
@@ -903,6 +903,17 @@ impl DirParser {
             self.line_checked = true;
             return if buffered { line_len } else { 0 };
         }
+        let role = carries(sh.side, self.direction);
+        let role_fits = role.is_none_or(|role| role == kind);
+        if self.buf.is_empty() && mode != HeadMode::Tentative && role_fits {
+            // Nearly always the whole head is at the start of one segment: parsing it there
+            // finds its end too (where httparse accepts a head, it ends at the first empty
+            // line, as the scanner would find), which spares the scan over every line.
+            if let Some((n, head)) = parse_at_start(rest, kind, max, sink.arena) {
+                self.complete_head(Ok(head), n, seg, sh, sink);
+                return n;
+            }
+        }
         let found = self.scan.feed(rest);
         let n = found.unwrap_or(rest.len());
         if !self.fits(n, max) {
@@ -921,7 +932,14 @@ impl DirParser {
             self.buf.extend_from_slice(&rest[..n]);
             std::mem::take(&mut self.buf).freeze()
         };
-        self.complete_head(block, kind, seg, sh, sink);
+        let parsed = match role {
+            Some(role) if !role_fits => Err(match role {
+                Start::Request => Http1Error::MalformedRequest,
+                Start::Response => Http1Error::MalformedResponse,
+            }),
+            _ => parse_head(&block, kind),
+        };
+        self.complete_head(parsed, block.len(), seg, sh, sink);
         n
     }
 
@@ -1085,10 +1103,11 @@ impl DirParser {
         }
     }
 
+    /// A head of `header_bytes` ended in `seg`; `parsed` is what it parsed to.
     fn complete_head(
         &mut self,
-        block: Bytes,
-        kind: Start,
+        parsed: Result<Head, Http1Error>,
+        header_bytes: usize,
         seg: &Segment,
         sh: &mut Shared,
         sink: &mut Sink<'_>,
@@ -1097,14 +1116,6 @@ impl DirParser {
         let end_ns = seg.exit_ns;
         self.reset_head();
         self.state = State::Head(HeadMode::Normal);
-        let role = carries(sh.side, self.direction);
-        let parsed = match role {
-            Some(role) if role != kind => Err(match role {
-                Start::Request => Http1Error::MalformedRequest,
-                Start::Response => Http1Error::MalformedResponse,
-            }),
-            _ => parse_head(&block, kind),
-        };
         let head = match parsed {
             Ok(head) => head,
             Err(e) => {
@@ -1115,6 +1126,10 @@ impl DirParser {
             }
         };
         if sh.side == Side::Unknown {
+            let kind = match head {
+                Head::Request { .. } => Start::Request,
+                Head::Response { .. } => Start::Response,
+            };
             sh.side = side_from(kind, self.direction);
         }
         sh.synced = true;
@@ -1125,7 +1140,7 @@ impl DirParser {
             headers: Vec::new(),
             trailers: Vec::new(),
             body_bytes: 0,
-            header_bytes: block.len(),
+            header_bytes,
             truncated: false,
         };
         match head {
@@ -1479,97 +1494,202 @@ fn parse_head(block: &Bytes, kind: Start) -> Result<Head, Http1Error> {
         Start::Request => Http1Error::MalformedRequest,
         Start::Response => Http1Error::MalformedResponse,
     };
-    let unfolded = unfold(block, true);
-    let block = unfolded.as_ref().unwrap_or(block);
-    let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    let first = parse_head_with(block, kind, &mut slots);
-    let result = match first {
-        Err(ParseFail::TooManyHeaders) => {
-            // Rare: size the array by the line count, which bounds the header count.
-            let lines = block.iter().filter(|&&b| b == b'\n').count();
-            let mut slots = vec![httparse::EMPTY_HEADER; lines];
-            parse_head_with(block, kind, &mut slots)
+    parse_unfolded(block, true, |block| {
+        // Uninitialised: filling 64 slots cost more than parsing a typical head.
+        let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+        match parse_head_with(block, kind, &mut slots) {
+            Err(ParseFail::TooManyHeaders) => {
+                // Rare: size the array by the line count, which bounds the header count.
+                let lines = block.iter().filter(|&&b| b == b'\n').count();
+                let mut slots = Vec::with_capacity(lines);
+                let (_, raw) = parse_head_with(block, kind, slots.spare_capacity_mut()).ok()?;
+                raw.own(block, block)
+            }
+            Ok((_, raw)) => raw.own(block, block),
+            Err(ParseFail::Malformed) => None,
         }
-        other => other,
-    };
-    result.map_err(|_| malformed)
+    })
+    .ok_or(malformed)
 }
 
-fn parse_head_with<'b>(
-    block: &'b Bytes,
+/// The head at the start of `bytes`, and its length, if it ends there, is at most `max` bytes
+/// long and parses as it is (no obs-fold, at most [`STACK_HEADERS`] fields); only the head is
+/// copied into `arena`. Otherwise None, and the head is left to the scanner.
+fn parse_at_start(
+    bytes: &[u8],
     kind: Start,
-    slots: &mut [httparse::Header<'b>],
-) -> Result<Head, ParseFail> {
+    max: usize,
+    arena: &mut Arena,
+) -> Option<(usize, Head)> {
+    let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+    let (n, raw) = parse_head_with(bytes, kind, &mut slots).ok()?;
+    if n > max {
+        return None;
+    }
+    let block = arena.copy(bytes.get(..n)?);
+    raw.own(bytes, &block).map(|head| (n, head))
+}
+
+/// A start line and header section as httparse left them: slices of the parsed bytes.
+enum RawHead<'h, 'b> {
+    Request {
+        method: &'b str,
+        target: &'b str,
+        version: u8,
+        fields: &'h [httparse::Header<'b>],
+    },
+    Response {
+        status: u16,
+        reason: &'b str,
+        version: u8,
+        fields: &'h [httparse::Header<'b>],
+    },
+}
+
+impl RawHead<'_, '_> {
+    /// The head with its text and values in `block`, which holds the same bytes as `src`
+    /// (the bytes parsed) from its start.
+    fn own(&self, src: &[u8], block: &Bytes) -> Option<Head> {
+        // UTF-8 is checked again (a few bytes) rather than assumed of `block`.
+        let text = |sub: &str| Text::from_utf8(rebase(src, block, sub.as_bytes()));
+        Some(match *self {
+            RawHead::Request {
+                method,
+                target,
+                version,
+                fields,
+            } => Head::Request {
+                method: text(method)?,
+                target: text(target)?,
+                version,
+                headers: own_fields(src, block, fields),
+            },
+            RawHead::Response {
+                status,
+                reason,
+                version,
+                fields,
+            } => Head::Response {
+                status,
+                reason: text(reason)?,
+                version,
+                headers: own_fields(src, block, fields),
+            },
+        })
+    }
+}
+
+/// Parses the head at the start of `src`: its length and its parts.
+fn parse_head_with<'h, 'b>(
+    src: &'b [u8],
+    kind: Start,
+    slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Result<(usize, RawHead<'h, 'b>), ParseFail> {
     let classify_err = |e| match e {
         httparse::Error::TooManyHeaders => ParseFail::TooManyHeaders,
         _ => ParseFail::Malformed,
     };
     match kind {
         Start::Request => {
-            let mut req = httparse::Request::new(slots);
-            match req.parse(block) {
-                Ok(httparse::Status::Complete(_)) => {}
+            let mut req = httparse::Request::new(&mut []);
+            let n = match req.parse_with_uninit_headers(src, slots) {
+                Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => return Err(ParseFail::Malformed),
                 Err(e) => return Err(classify_err(e)),
-            }
-            Ok(Head::Request {
-                method: Text::share(block, req.method.unwrap_or_default()),
-                target: Text::share(block, req.path.unwrap_or_default()),
-                version: req.version.unwrap_or_default(),
-                headers: own_fields(block, req.headers),
-            })
+            };
+            Ok((
+                n,
+                RawHead::Request {
+                    method: req.method.unwrap_or_default(),
+                    target: req.path.unwrap_or_default(),
+                    version: req.version.unwrap_or_default(),
+                    fields: req.headers,
+                },
+            ))
         }
         Start::Response => {
-            let mut resp = httparse::Response::new(slots);
-            match resp.parse(block) {
-                Ok(httparse::Status::Complete(_)) => {}
+            let mut resp = httparse::Response::new(&mut []);
+            // The default configuration, as `Response::parse` uses.
+            let config = httparse::ParserConfig::default();
+            let n = match config.parse_response_with_uninit_headers(&mut resp, src, slots) {
+                Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => return Err(ParseFail::Malformed),
                 Err(e) => return Err(classify_err(e)),
-            }
-            Ok(Head::Response {
-                status: resp.code.unwrap_or_default(),
-                reason: Text::share(block, resp.reason.unwrap_or_default()),
-                version: resp.version.unwrap_or_default(),
-                headers: own_fields(block, resp.headers),
-            })
+            };
+            Ok((
+                n,
+                RawHead::Response {
+                    status: resp.code.unwrap_or_default(),
+                    reason: resp.reason.unwrap_or_default(),
+                    version: resp.version.unwrap_or_default(),
+                    fields: resp.headers,
+                },
+            ))
         }
+    }
+}
+
+/// The part of `block` at the place of `sub` in `src`, where `block` holds the same bytes as
+/// `src` from its start; a copy of `sub` if it is not inside both (httparse gives a static ""
+/// for a missing reason phrase).
+fn rebase(src: &[u8], block: &Bytes, sub: &[u8]) -> Bytes {
+    let start = (sub.as_ptr() as usize).checked_sub(src.as_ptr() as usize);
+    match start.and_then(|start| Some((start, start.checked_add(sub.len())?))) {
+        Some((start, end)) if end <= src.len() && end <= block.len() => block.slice(start..end),
+        _ => Bytes::copy_from_slice(sub),
     }
 }
 
 /// Parses a trailer section (field lines and the final empty line).
 fn parse_fields(block: &Bytes) -> Option<Vec<Field>> {
-    let unfolded = unfold(block, false);
-    let block = unfolded.as_ref().unwrap_or(block);
-    let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    match httparse::parse_headers(block, &mut slots) {
-        Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
-        Err(httparse::Error::TooManyHeaders) => {
-            let lines = block.iter().filter(|&&b| b == b'\n').count();
-            let mut slots = vec![httparse::EMPTY_HEADER; lines];
-            match httparse::parse_headers(block, &mut slots) {
-                Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, fields)),
-                _ => None,
+    parse_unfolded(block, false, |block| {
+        let mut slots = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        match httparse::parse_headers(block, &mut slots) {
+            Ok(httparse::Status::Complete((_, fields))) => Some(own_fields(block, block, fields)),
+            Err(httparse::Error::TooManyHeaders) => {
+                let lines = block.iter().filter(|&&b| b == b'\n').count();
+                let mut slots = vec![httparse::EMPTY_HEADER; lines];
+                match httparse::parse_headers(block, &mut slots) {
+                    Ok(httparse::Status::Complete((_, fields))) => {
+                        Some(own_fields(block, block, fields))
+                    }
+                    _ => None,
+                }
             }
+            _ => None,
         }
-        _ => None,
-    }
+    })
 }
 
-/// Names are copied (they are short); values share the header block's buffer.
-fn own_fields(block: &Bytes, fields: &[httparse::Header<'_>]) -> Vec<Field> {
+/// `parse(block)`, or if that fails and the block has obs-folds, `parse` of it unfolded.
+///
+/// httparse rejects a field line that starts with SP or HT, so a block it accepts has no fold:
+/// looking for folds only after a failure spares a pass over every section, with the same
+/// result as unfolding first.
+fn parse_unfolded<T>(
+    block: &Bytes,
+    skip_first_line: bool,
+    parse: impl Fn(&Bytes) -> Option<T>,
+) -> Option<T> {
+    parse(block).or_else(|| parse(&unfold(block, skip_first_line)?))
+}
+
+/// Names are copied (they are short); values share the header block's buffer (`block`, which
+/// holds the bytes parsed, `src`).
+fn own_fields(src: &[u8], block: &Bytes, fields: &[httparse::Header<'_>]) -> Vec<Field> {
     fields
         .iter()
-        .map(|h| (field::name(h.name), field::share(block, h.value)))
+        .map(|h| (field::name(h.name), rebase(src, block, h.value)))
         .collect()
 }
 
 /// Replaces each obs-fold (a line break followed by SP/HT, RFC 9112 §5.2) and the whitespace
-/// around it with one SP, so httparse (which rejects folds in requests) sees one value.
+/// around it with one SP, so httparse (which rejects folds) sees one value.
 ///
 /// `skip_first_line` leaves the start line alone: whitespace right after it is not a fold but
 /// an invalid message (RFC 9112 §2.2), which the parser then rejects.
 ///
-/// None when there is no fold (nearly always): the block is parsed as it is.
+/// None when there is no fold.
 fn unfold(block: &Bytes, skip_first_line: bool) -> Option<Bytes> {
     let from = if skip_first_line {
         memchr::memchr(b'\n', block)? + 1
@@ -2441,6 +2561,59 @@ mod tests {
                     1,
                     &[("X-Folded", "a b c"), ("Content-Length", "0")],
                 ),
+            )),
+        )];
+        check(c);
+    }
+
+    #[test]
+    fn sections_with_more_fields_than_stack_slots_and_folds_parse_whole() {
+        // Past the stack's header slots, with a fold at the end of each section: the fold
+        // fails the first parse, and the larger retry must see it unfolded too.
+        let many: Vec<(String, String)> = (0..STACK_HEADERS + 6)
+            .map(|i| (format!("X-F{i}"), i.to_string()))
+            .collect();
+        let lines: String = many.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+        let post = format!(
+            "POST /many HTTP/1.1\r\n{lines}Transfer-Encoding: chunked\r\nX-Last: a\r\n b\r\n\r\n"
+        );
+        let body = format!("1\r\nx\r\n0\r\n{lines}X-Sum: c\r\n\td\r\n\r\n");
+        let ok = format!("HTTP/1.1 204 No Content\r\n{lines}X-Last: e\r\n  f\r\n\r\n");
+        let mut c = case(
+            "many fields and folds",
+            Side::Client,
+            Script::new()
+                .io(E, 1, 10, 20, &cat(&[&post, &body]))
+                .io(I, 1, 30, 40, ok.as_bytes()),
+        );
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut list: Vec<(&str, &str)> =
+                many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            list.extend_from_slice(extra);
+            list
+        };
+        c.want = vec![ex(
+            req(
+                "POST",
+                "/many",
+                1,
+                Message {
+                    body_bytes: 1,
+                    trailers: fields(&with(&[("X-Sum", "c d")])),
+                    ..msg(
+                        &post,
+                        10,
+                        20,
+                        1,
+                        &with(&[("Transfer-Encoding", "chunked"), ("X-Last", "a b")]),
+                    )
+                },
+            ),
+            Some(resp(
+                204,
+                "No Content",
+                1,
+                msg(&ok, 40, 40, 1, &with(&[("X-Last", "e f")])),
             )),
         )];
         check(c);
