@@ -345,10 +345,9 @@ const DRAIN_BATCH: u64 = 256;
 
 /// The next drain period after a drain that found `records`. A wakeup costs the agent about
 /// 0.1 ms of CPU on a VM: an idle agent draining every 10 ms used 1% of a core, and at 2,000
-/// requests/s the agent's CPU per request fell by 40% with fewer wakeups. Records then wait
-/// up to 80 ms, which
-/// the linking stage's 50 ms reorder window and the export batching already exceed; a burst
-/// still wakes the agent at once when it fills a quarter of the ring buffer.
+/// requests/s the agent's CPU per request fell by 40% with fewer wakeups. Records then wait up
+/// to 80 ms, about what the linking stage's 50 ms reorder window and the export batching add
+/// anyway; a burst still wakes the agent at once when it fills a quarter of the ring buffer.
 fn next_drain_period(period: Duration, records: u64) -> Duration {
     if records < DRAIN_BATCH {
         (period * 2).min(DRAIN_IDLE)
@@ -549,6 +548,16 @@ fn print_status(pipeline: &Pipeline<impl Write>, kernel: &KernelCounters) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drains_slow_down_while_they_find_little_and_speed_up_under_load() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_drain_period(ms(10), 0), ms(20));
+        assert_eq!(next_drain_period(ms(40), DRAIN_BATCH - 1), ms(80));
+        assert_eq!(next_drain_period(ms(80), 0), ms(80));
+        assert_eq!(next_drain_period(ms(80), DRAIN_BATCH), ms(40));
+        assert_eq!(next_drain_period(ms(10), 10_000), ms(10));
+    }
 
     #[test]
     fn allocator_option_indices_match_mimalloc() {
