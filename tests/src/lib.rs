@@ -939,7 +939,8 @@ pub fn python() -> &'static Path {
 /// Prepended to every python peer script: `say` prints a line for the test at once, `wait`
 /// blocks until the test sends a line (and exits quietly if the test is gone), `listener` and
 /// `loopback_pair` make a listening socket on 127.0.0.1 and a connected pair through it,
-/// `recv_exact` reads a known number of bytes.
+/// `recv_exact` reads a known number of bytes and `recv_to_eof` everything until the peer
+/// closes.
 pub const PY_PRELUDE: &str = r#"
 import os, socket, sys, time
 def say(*words):
@@ -966,6 +967,13 @@ def recv_exact(sock, n):
             raise EOFError(f"peer closed after {len(buf)} of {n} bytes")
         buf += chunk
     return buf
+def recv_to_eof(sock, size=65536):
+    buf = b""
+    while True:
+        chunk = sock.recv(size)
+        if not chunk:
+            return buf
+        buf += chunk
 say("pid", os.getpid())
 "#;
 

@@ -1009,23 +1009,13 @@ c, s = loopback_pair(ls)
 wait()
 c.sendall(b"question")
 c.shutdown(socket.SHUT_WR)
-got = b""
-while True:
-    chunk = s.recv(100)
-    if not chunk:
-        break
-    got += chunk
+got = recv_to_eof(s, 100)
 s.sendall(b"answer after " + got)
 s.close()
 time.sleep(0.2)
 say("server closed")
 wait()
-reply = b""
-while True:
-    chunk = c.recv(100)
-    if not chunk:
-        break
-    reply += chunk
+reply = recv_to_eof(c, 100)
 say("reply", reply.decode())
 c.close()
 say("done")

@@ -250,12 +250,7 @@ for n in range(1, count + 1):
     start = time.monotonic()
     c = socket.create_connection(("127.0.0.1", port))
     c.sendall(b"GET /hello.txt?n=%d HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % n)
-    reply = b""
-    while True:
-        chunk = c.recv(65536)
-        if not chunk:
-            break
-        reply += chunk
+    reply = recv_to_eof(c)
     c.close()
     worst = max(worst, time.monotonic() - start)
     if reply.startswith(b"HTTP/1.0 200"):

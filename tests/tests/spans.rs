@@ -696,12 +696,7 @@ c = socket.create_connection(("127.0.0.1", port))
 host = f"127.0.0.1:{port}".encode()
 c.sendall(b"GET /ok HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
           b"GET /missing HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
-data = b""
-while True:
-    chunk = c.recv(65536)
-    if not chunk:
-        break
-    data += chunk
+data = recv_to_eof(c)
 say("statuses", *[code.decode() for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)])
 c.close()
 "#;
